@@ -1,0 +1,41 @@
+"""Exceptions raised by fxprune. Every one names the culprit (module path, op, input) and a fix."""
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on bad input."""
+
+
+class TraceError(FxpruneError):
+    """The model could not be captured with torch.fx.
+
+    Attributes:
+        module_path: dotted path of the innermost module being traced when tracing failed
+            ("" for the root model).
+        module_type: class name of that module.
+        reason: the underlying error message.
+    """
+
+    def __init__(self, module_path: str, module_type: str, reason: str):
+        self.module_path = module_path
+        self.module_type = module_type
+        self.reason = reason
+        where = f"module '{module_path}' ({module_type})" if module_path else f"the root model ({module_type})"
+        super().__init__(
+            f"torch.fx cannot trace {where}: {reason}\n"
+            f"  Fix: mark it as a leaf so fxprune calls it as a black box, either per call with "
+            f"fxprune.wrap(model, inputs, leaf_modules=[{module_type}]) / fxprune.analyze(..., leaf_modules=[...]) "
+            f"or globally with fxprune.register_leaf_module({module_type}). "
+            f"A leaf with no axis rule is treated as non-exchangeable (fxprune.register_rule adds one)."
+        )
+
+
+class ShapeError(FxpruneError):
+    """The example inputs do not fit the model (shape propagation failed at a node)."""
+
+
+class ConfigError(FxpruneError):
+    """A config value is out of range or inconsistent with the model."""
+
+
+class WrapError(FxpruneError):
+    """The model cannot be wrapped as asked (already wrapped, BN in training mode for ExPrune, ...)."""
