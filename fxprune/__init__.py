@@ -1,6 +1,37 @@
-"""fxprune: graph-level pruning for PyTorch models, built on torch.fx."""
+"""fxprune: graph-level pruning for PyTorch models, built on torch.fx.
+
+Public surface (see README): ``wrap``, ``analyze``, ``HyperfluxConfig``, ``ExPruneConfig``,
+``calibrate``, ``flops``, ``export``, ``register_rule``, ``register_leaf_module``.
+"""
+from importlib import import_module as _import_module
+
 from .analysis import Analysis, analyze, register_rule
 from .capture import register_leaf_module
 from .errors import ConfigError, FxpruneError, ShapeError, TraceError, WrapError
+from .wrap import wrap
 
 __version__ = "0.1.0"
+
+# Names provided by the transform and report stages, resolved on first use so that importing
+# fxprune stays cheap and each stage stays in its own module.
+_LAZY = {
+    "HyperfluxConfig": ("fxprune.hyperflux.config", "HyperfluxConfig"),
+    "export": ("fxprune.hyperflux.export", "export"),
+    "ExPruneConfig": ("fxprune.exprune.config", "ExPruneConfig"),
+    "calibrate": ("fxprune.exprune.calibrate", "calibrate"),
+    "flops": ("fxprune.flops", "flops"),
+    "FlopReport": ("fxprune.flops", "FlopReport"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(_import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fxprune' has no attribute '{name}'")
+
+
+__all__ = ["wrap", "analyze", "Analysis", "register_rule", "register_leaf_module", "FxpruneError", "TraceError",
+           "ShapeError", "ConfigError", "WrapError", *_LAZY]

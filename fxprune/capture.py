@@ -69,7 +69,8 @@ def _collect_policy(model: nn.Module, leaf_modules: Iterable[type]) -> LeafPolic
 class _Tracer(fx.Tracer):
     """fx.Tracer with fxprune's leaf policy that remembers which module it was inside on failure."""
 
-    def __init__(self, policy: LeafPolicy):
+    def __init__(self, policy: LeafPolicy | None = None):
+        policy = policy or LeafPolicy()  # no-argument form: torch.fx re-creates tracers when unpickling
         super().__init__(autowrap_functions=tuple(policy.autowrap_functions))
         self.policy = policy
         self.module_path_stack: list[tuple[str, str]] = []
@@ -118,8 +119,9 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[type] = ()) -> fx.GraphMod
         path, type_name = tracer.failed_at or ("", type(model).__name__)
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise TraceError(path, type_name, reason) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, class_name=name)
+    # unpickling re-traces the generated code with plain torch.fx; our tracer is not needed then
+    graph._tracer_cls = None
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:

@@ -6,6 +6,7 @@ spaces (``spaces.py``, driven by the rule registry in ``rules.py``) and matches 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class Analysis:
 
     def spaces_of(self, key: str, axis: int) -> list[Space]:
         """Spaces that the elements of parameter ``key`` along ``axis`` belong to."""
+        if self.builder is None:
+            raise RuntimeError("this Analysis is detached (no solver state); run fxprune.analyze again")
         return [self.spaces[i] for i in self.builder.spaces_of_param(key, axis)]
 
     def summary(self, max_rows: int = 40) -> str:
@@ -120,6 +123,10 @@ class Analysis:
             "unknown_ops": sorted(self.unknown_ops),
             "seconds": self.seconds,
         }
+
+    def detached(self) -> "Analysis":
+        """A copy without the GraphModule and solver state (for the controller: no reference cycle)."""
+        return dataclasses.replace(self, graph_module=None, builder=None)
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)

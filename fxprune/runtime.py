@@ -1,0 +1,76 @@
+"""Runtime: the wrapped module and the controller users talk to (``model.fxprune``)."""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from .errors import ConfigError
+
+
+class Controller(nn.Module):
+    """``model.fxprune``: the handle on what fxprune injected into a wrapped model.
+
+    Children ``hyperflux`` (HyperfluxRuntime) and ``exprune`` (ExPruneRuntime) hold their state in
+    buffers, so ``state_dict()`` carries scheduler state, gate scores and thresholds.
+    """
+
+    def __init__(self, analysis, hyperflux: nn.Module | None = None, exprune: nn.Module | None = None):
+        super().__init__()
+        self.hyperflux = hyperflux
+        self.exprune = exprune
+        # a plain attribute (not a submodule): the analysis of the original model
+        object.__setattr__(self, "analysis", analysis)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - never called by the graph
+        raise RuntimeError("model.fxprune is a controller, not a layer; call the wrapped model itself")
+
+    def _require_hyperflux(self, what: str) -> nn.Module:
+        if self.hyperflux is None:
+            raise ConfigError(
+                f"model.fxprune.{what}() needs Hyperflux: wrap the model with "
+                f"fxprune.wrap(model, inputs, hyperflux=fxprune.HyperfluxConfig(target_sparsity=...))"
+            )
+        return self.hyperflux
+
+    def step(self) -> None:
+        """Call once after each optimiser step: updates gates and advances the pressure scheduler."""
+        self._require_hyperflux("step").step()
+
+    def sparsity(self) -> float:
+        """Fraction (0..1) of gated weights currently pruned by Hyperflux."""
+        return self._require_hyperflux("sparsity").sparsity()
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.analysis is not None:
+            parts.append(f"spaces={len(self.analysis.spaces)}, sites={len(self.analysis.sites)}")
+        return ", ".join(parts)
+
+
+class WrappedModule(fx.GraphModule):
+    """An fx.GraphModule produced by :func:`fxprune.wrap`; behaves like the original model."""
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        for module in self.modules():
+            hook = getattr(module, "_fxprune_after_apply", None)
+            if callable(hook):
+                hook()
+        return result
+
+    def __reduce__(self):
+        # GraphModule unpickles as a plain GraphModule: rebuild it as a WrappedModule.
+        fn, args = super().__reduce__()[:2]
+        return (_rebuild_wrapped, (fn, args))
+
+
+def _rebuild_wrapped(fn, args) -> WrappedModule:
+    module = fn(*args)
+    module.__class__ = type("GraphModuleImpl", (WrappedModule,), {"forward": type(module).forward})
+    return module
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """True when ``model`` (or the module a torch.compile wrapper holds) was made by fxprune.wrap."""
+    inner = getattr(model, "_orig_mod", model)
+    return isinstance(getattr(inner, "_modules", {}).get("fxprune"), Controller)

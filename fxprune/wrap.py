@@ -1,0 +1,163 @@
+"""``fxprune.wrap``: the one-line entry point (capture -> analysis -> transforms -> runtime -> compile)."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .analysis import analyze
+from .capture import normalize_inputs
+from .errors import ConfigError, ShapeError, WrapError
+from .runtime import Controller, WrappedModule, is_wrapped
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2) -> tuple:
+    """Example inputs from a timm model's ``pretrained_cfg["input_size"]`` (C, H, W)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        raise ShapeError(
+            f"{type(model).__name__}: example_inputs are required (fxprune propagates shapes with one "
+            f"example batch), e.g. fxprune.wrap(model, torch.randn(2, 3, 224, 224))"
+        )
+    try:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    return (torch.randn(batch, *size, device=device, dtype=dtype),)
+
+
+def wrap(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    hyperflux=None,
+    exprune=None,
+    compile: bool | dict = False,
+    leaf_modules: Sequence[type] = (),
+    check: bool = True,
+) -> nn.Module:
+    """Capture ``model`` with torch.fx, inject Hyperflux and/or ExPrune, optionally compile.
+
+    Args:
+        model: the user's model; it is deep-copied and never modified.
+        example_inputs: one example batch (tensor or tuple of positional inputs). For timm models
+            it defaults to a random batch of the model's ``pretrained_cfg["input_size"]``.
+        hyperflux: a :class:`fxprune.HyperfluxConfig` (training-time pruning) or None.
+        exprune: a :class:`fxprune.ExPruneConfig` (per-input dynamic pruning) or None.
+        compile: True or a dict of ``torch.compile`` options (Inductor by default).
+        leaf_modules: module types to treat as opaque leaves while tracing.
+        check: verify that, with nothing pruned yet, the wrapped model reproduces the original
+            outputs on ``example_inputs`` (WrapError otherwise).
+
+    Returns:
+        A module with the original call signature and a ``.fxprune`` controller
+        (``.step()``, ``.sparsity()``, ``.exprune``, ``.hyperflux``, ``.analysis``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxprune.wrap expects an nn.Module, got {type(model).__name__}")
+    if is_wrapped(model):
+        raise WrapError(
+            f"{type(model).__name__} is already wrapped by fxprune (it has a .fxprune controller). "
+            f"Wrap the original model once with both configs, or call fxprune.export(model) first."
+        )
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: wrap what it holds
+    _check_config(hyperflux, "hyperflux", "HyperfluxConfig")
+    _check_config(exprune, "exprune", "ExPruneConfig")
+    inputs = normalize_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
+
+    private = copy.deepcopy(model)
+    analysis = analyze(private, inputs, leaf_modules=leaf_modules)
+    captured = analysis.graph_module
+    gm = WrappedModule(captured, captured.graph, class_name=type(model).__name__)
+    gm.train(model.training)
+    analysis.graph_module = gm
+    reference = _eval_outputs(gm, inputs) if check else None
+
+    exprune_rt = hyperflux_rt = None
+    if exprune is not None:
+        from .exprune.inject import apply_exprune
+
+        exprune_rt = apply_exprune(gm, analysis, exprune)
+    if hyperflux is not None:
+        from .hyperflux.inject import apply_hyperflux
+
+        hyperflux_rt = apply_hyperflux(gm, analysis, hyperflux)
+    gm.add_module("fxprune", Controller(analysis.detached(), hyperflux=hyperflux_rt, exprune=exprune_rt))
+    gm.recompile()
+
+    if check:
+        _verify_unpruned(gm, inputs, reference, exprune_rt)
+    if compile:
+        options = dict(compile) if isinstance(compile, dict) else {}
+        options.update({k: v for k, v in _library_compile_options(model).items() if k not in options})
+        return torch.compile(gm, **options)
+    return gm
+
+
+def _check_config(config, name: str, expected: str) -> None:
+    if config is not None and type(config).__name__ != expected:
+        raise ConfigError(f"{name}= expects a fxprune.{expected}, got {type(config).__name__}")
+
+
+def _eval_outputs(gm: nn.Module, inputs: tuple):
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return gm(*inputs)
+    finally:
+        gm.train(was_training)
+
+
+def _verify_unpruned(gm: nn.Module, inputs: tuple, reference, exprune_rt) -> None:
+    """The wrapped model with nothing pruned must reproduce the original outputs."""
+    saved = exprune_rt.safe_settings() if exprune_rt is not None and hasattr(exprune_rt, "safe_settings") else None
+    try:
+        if saved is not None:
+            saved.__enter__()
+        outputs = _eval_outputs(gm, inputs)
+    finally:
+        if saved is not None:
+            saved.__exit__(None, None, None)
+        if exprune_rt is not None and hasattr(exprune_rt, "reset_stats"):
+            exprune_rt.reset_stats()
+    for ref, out in zip(_flat_tensors(reference), _flat_tensors(outputs)):
+        if ref.shape != out.shape or not _close(ref, out):
+            diff = (ref.float() - out.float()).abs().max().item() if ref.shape == out.shape else float("nan")
+            raise WrapError(
+                f"internal check failed: with nothing pruned, the wrapped model's output differs from the "
+                f"original (max abs diff {diff:.3g}, shapes {tuple(ref.shape)} vs {tuple(out.shape)}). "
+                f"Please report this with the model; pass check=False to skip the check."
+            )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    scale = a.float().abs().max().item() if a.numel() else 0.0
+    scale = scale if math.isfinite(scale) else 1.0
+    return torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True)
+
+
+def _flat_tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat_tensors(v)]
+    return []
+
+
+def _library_compile_options(model: nn.Module) -> dict:
+    try:
+        from .integrations import pyg
+    except ImportError:
+        return {}
+    fn = getattr(pyg, "compile_options", None)
+    return fn(model) if fn is not None else {}
