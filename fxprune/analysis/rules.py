@@ -641,6 +641,7 @@ def _conv_core(ctx, x, out, w, b, groups: int, n_spatial: int, transposed: bool 
         ctx.link(x[c], pos // mult, out[c], pos)
         ctx.same(out[c], w[0])
     else:
+        ctx.same(out[c], w_out)
         ctx.breaks([x[c], out[c], w[0], w[1]], f"{ctx.description}: grouped conv (groups={groups})")
     if b is not None:
         ctx.same(out[c], b[0])
@@ -732,15 +733,27 @@ def layernorm_function_rule(ctx: RuleContext) -> None:
     _layer_norm_core(ctx, ctx.in_axes(0, "input"), ctx.out, n, [ctx.in_axes(2, "weight"), ctx.in_axes(3, "bias")])
 
 
-def groupnorm_module_rule(ctx: RuleContext) -> None:
-    m, x = ctx.module, ctx.in_axes(0, "input")
-    _channel_affine(ctx, x, ctx.out, [ctx.param("weight"), ctx.param("bias")])
-    if x is None:
+def _group_norm_core(ctx, x, out, num_groups, params) -> None:
+    _channel_affine(ctx, x, out, params)
+    if x is None or len(x) < 2:
         return
-    if m.num_groups == 1:
+    if not isinstance(num_groups, int):
+        ctx.breaks(x[1], f"{ctx.description}: non-constant number of groups")
+    elif num_groups == 1:
         ctx.reduces(x[1], f"{ctx.description} normalizes across channels")
-    elif m.num_groups != m.num_channels:
-        ctx.breaks(x[1], f"{ctx.description}: GroupNorm with {m.num_groups} groups ties channels to groups")
+    elif num_groups != ctx.size(x[1]):
+        ctx.breaks(x[1], f"{ctx.description}: GroupNorm with {num_groups} groups ties channels to groups")
+
+
+def groupnorm_module_rule(ctx: RuleContext) -> None:
+    _group_norm_core(ctx, ctx.in_axes(0, "input"), ctx.out, ctx.module.num_groups,
+                     [ctx.param("weight"), ctx.param("bias")])
+
+
+def groupnorm_function_rule(ctx: RuleContext) -> None:
+    """F.group_norm(input, num_groups, weight, bias, eps)."""
+    _group_norm_core(ctx, ctx.in_axes(0, "input"), ctx.out, ctx.arg(1, "num_groups"),
+                     [ctx.in_axes(2, "weight"), ctx.in_axes(3, "bias")])
 
 
 def prelu_module_rule(ctx: RuleContext) -> None:
@@ -870,6 +883,9 @@ register_rule(F.conv3d, conv_function_rule(3))
 register_rule(F.linear, linear_function_rule)
 register_rule(F.batch_norm, batchnorm_function_rule)
 register_rule(F.layer_norm, layernorm_function_rule)
+if hasattr(F, "rms_norm"):
+    register_rule(F.rms_norm, layernorm_function_rule)  # (input, normalized_shape, weight, eps)
+register_rule(F.group_norm, groupnorm_function_rule)
 
 for _name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "lerp"):
     register_rule(_name, elementwise)
