@@ -1,0 +1,136 @@
+"""HyperfluxConfig: the knobs of training-time L0 pruning (arXiv 2504.05349).
+
+Units: sparsities and densities are fractions in [0, 1] (0.9 = 90 % pruned); durations are
+optimiser steps (calls of ``model.fxprune.step()``). Defaults follow the authors' code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..errors import ConfigError
+
+GRANULARITIES = ("weight", "channel")
+WEIGHTINGS = ("params", "macs")
+SCHEDULER_UPDATES = 100  # default number of scheduler updates in the pruning phase (paper: 100 epochs)
+
+
+@dataclass
+class HyperfluxConfig:
+    """Configuration of Hyperflux gates, pressure scheduler and regrowth.
+
+    Attributes:
+        target_sparsity: fraction of the gated weights to prune by the end of the pruning phase,
+            in (0, 1). With ``weight_by="macs"`` it is the fraction of their MACs.
+        granularity: "weight" (one gate per weight element, the paper) or "channel" (one gate per
+            index of a prunable channel space, shared by every member; export removes closed ones).
+        pruning_steps: optimiser steps of the pruning phase (keyword only, required).
+        regrowth_steps: optimiser steps of the regrowth phase that follows: pressure 0, gate
+            learning rate decaying geometrically. After it the gates are frozen.
+        scheduler_interval: steps between two pressure-scheduler updates (the paper updates once
+            per epoch). None: ``pruning_steps // 100`` (at least 1), i.e. 100 updates as in the paper.
+        ste_scale: slope of the straight-through estimator, dL/dt = ste_scale * w * dL/dw_eff
+            (0.25 = slope of the sigmoid at 0).
+        gate_lr: Adam learning rate of the gate scores (no weight decay).
+        gate_init: scores start uniform in [low, high]; low >= 0 so every gate starts open.
+        regrowth_lr_decay: factor applied to the gate learning rate at each scheduler interval of
+            the regrowth phase (geometric decay).
+        gamma_step: controller gain: how much gamma moves per scheduler update.
+        gamma_inertia_step: growth of the controller's inertia per consecutive update in the same
+            direction (paper: gamma_step / 4).
+        pressure_exponent: gamma_eff = gamma ** pressure_exponent.
+        trajectory_steepness: steepness of the sigmoid in the target-density trajectory
+            (the paper's "aggressivity", 6).
+        weight_by: how pressure and density count: "params" (each gated weight counts 1) or
+            "macs" (each weight counts the multiply-adds it takes part in; a FLOPs target).
+        filter: ``filter(GateTarget) -> bool`` chooses the conv/linear weights to gate. None: every
+            conv/linear weight (stem and classifier included) for CNNs; for ViT-like models (an
+            ``attn.qkv`` linear exists) only the attention qkv/proj and MLP fc1/fc2 linears. With
+            channel granularity, the prunable spaces that contain a chosen weight are gated.
+        seed: seed of the generator that draws the initial scores.
+    """
+
+    target_sparsity: float
+    granularity: str = "weight"
+    pruning_steps: int = field(kw_only=True)
+    regrowth_steps: int = 0
+    scheduler_interval: Optional[int] = None
+    ste_scale: float = 0.25
+    gate_lr: float = 1e-3
+    gate_init: tuple[float, float] = (0.2, 0.5)
+    regrowth_lr_decay: float = 0.95
+    gamma_step: float = 0.3
+    gamma_inertia_step: float = 0.075
+    pressure_exponent: float = 1.5
+    trajectory_steepness: float = 6.0
+    weight_by: str = "params"
+    filter: Optional[Callable] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _fraction("target_sparsity", self.target_sparsity, "0.9 = 90 % of the gated weights pruned")
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _integer("pruning_steps", self.pruning_steps, 1)
+        _integer("regrowth_steps", self.regrowth_steps, 0)
+        if self.scheduler_interval is None:
+            self.scheduler_interval = max(1, self.pruning_steps // SCHEDULER_UPDATES)
+        _integer("scheduler_interval", self.scheduler_interval, 1)
+        if self.scheduler_interval > self.pruning_steps:
+            raise ConfigError(
+                f"HyperfluxConfig.scheduler_interval ({self.scheduler_interval}) exceeds pruning_steps "
+                f"({self.pruning_steps}): the scheduler would never update; use an interval <= pruning_steps")
+        for name in ("ste_scale", "gate_lr", "gamma_step", "pressure_exponent", "trajectory_steepness"):
+            _positive(name, getattr(self, name))
+        _positive("gamma_inertia_step", self.gamma_inertia_step, allow_zero=True)
+        if not (isinstance(self.regrowth_lr_decay, (int, float)) and 0 < self.regrowth_lr_decay <= 1):
+            raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
+        _gate_init(self.gate_init)
+        _choice("weight_by", self.weight_by, WEIGHTINGS)
+        if self.filter is not None and not callable(self.filter):
+            raise ConfigError(f"HyperfluxConfig.filter must be a callable(GateTarget) -> bool or None, "
+                              f"got {type(self.filter).__name__}")
+        self.gate_init = (float(self.gate_init[0]), float(self.gate_init[1]))
+
+    @property
+    def scheduler_updates(self) -> int:
+        """Number of scheduler updates in the pruning phase (the paper's epochs E)."""
+        return self.pruning_steps // self.scheduler_interval
+
+    @property
+    def target_density(self) -> float:
+        """Fraction of the gated weights (or MACs) kept at the end of the pruning phase."""
+        return 1.0 - self.target_sparsity
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fraction(name: str, value, example: str) -> None:
+    if not (_is_number(value) and 0 < value < 1):
+        raise ConfigError(f"HyperfluxConfig.{name} must be a fraction in (0, 1) ({example}), got {value!r}")
+
+
+def _choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"HyperfluxConfig.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"HyperfluxConfig.{name} must be an integer >= {minimum} (optimiser steps), got {value!r}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if not (_is_number(value) and (value >= 0 if allow_zero else value > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"HyperfluxConfig.{name} must be a finite number {bound}, got {value!r}")
+
+
+def _gate_init(value) -> None:
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(v) for v in value)
+          and 0 <= value[0] <= value[1])
+    if not ok:
+        raise ConfigError(f"HyperfluxConfig.gate_init must be (low, high) with 0 <= low <= high so that every "
+                          f"gate starts open (score >= 0), got {value!r}")

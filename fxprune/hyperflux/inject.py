@@ -1,0 +1,213 @@
+"""The Hyperflux pass: put gates on the chosen weights (or channel spaces) of a captured model.
+
+Gates are ``torch.nn.utils.parametrize`` parametrizations on the owner module of each gated tensor,
+so the graph itself is unchanged: ``call_module`` nodes and ``get_attr`` uses alike see the gated
+tensor. The scores live in the returned :class:`HyperfluxRuntime`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..analysis import Analysis, GateTarget, Space
+from ..errors import ConfigError
+from .config import HyperfluxConfig
+from .gate import ChannelGate, GateScores, WeightGate
+from .runtime import ChannelPlan, GatedTensor, HyperfluxRuntime
+
+_VIT_MARKER = re.compile(r"(^|\.)attn\.qkv$")
+_VIT_GATED = re.compile(r"(^|\.)(attn\.(qkv|proj)|mlp\.(fc1|fc2))$")
+
+
+def default_gate_filter(targets: list[GateTarget]) -> Callable[[GateTarget], bool]:
+    """The paper's choice: every conv/linear weight for CNNs (stem and classifier included); for
+    ViT-like models (some module path ends in ``attn.qkv``) only attn.qkv/proj and mlp.fc1/fc2."""
+    if any(_VIT_MARKER.search(t.module) for t in targets):
+        return lambda t: bool(_VIT_GATED.search(t.module))
+    return lambda t: True
+
+
+def select_targets(analysis: Analysis, config: HyperfluxConfig) -> list[GateTarget]:
+    """Gate targets of the analysis chosen by ``config.filter`` (or :func:`default_gate_filter`)."""
+    keep = config.filter or default_gate_filter(analysis.gate_targets)
+    return [t for t in analysis.gate_targets if keep(t)]
+
+
+def apply_hyperflux(gm: fx.GraphModule, analysis: Analysis, config: HyperfluxConfig,
+                    example_inputs: tuple | None = None) -> HyperfluxRuntime:
+    """Gate the weights of ``gm`` (mutated in place) and return the runtime that trains the gates.
+
+    Args:
+        gm: the captured model (``analysis.graph_module`` or a module with the same state keys).
+        analysis: its analysis (gate targets, prunable channel spaces).
+        config: the HyperfluxConfig.
+        example_inputs: inputs export verifies the exported model on; by default generated from the
+            shapes and dtypes recorded on the graph's placeholders.
+    """
+    if not isinstance(config, HyperfluxConfig):
+        raise ConfigError(f"apply_hyperflux expects a HyperfluxConfig, got {type(config).__name__}")
+    targets = select_targets(analysis, config)
+    if not targets:
+        raise ConfigError(f"HyperfluxConfig.filter selected none of the {len(analysis.gate_targets)} conv/linear "
+                          f"weights of {analysis.model_name or 'the model'}; nothing to gate")
+    injector = _Injector(gm, analysis, config)
+    if config.granularity == "weight":
+        injector.gate_weights(targets)
+    else:
+        injector.gate_channels(targets)
+    if not injector.tensors:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(injector.skipped.items())[:5])
+        raise ConfigError(f"Hyperflux found nothing it can gate with granularity='{config.granularity}' ({reasons})")
+    injector.normalise_pressure()
+    inputs = tuple(example_inputs) if example_inputs is not None else synthetic_inputs(gm)
+    return HyperfluxRuntime(config, injector.gates, injector.tensors, injector.plans, injector.skipped,
+                            inputs, analysis.model_name)
+
+
+class _Injector:
+    """Builds the scores and registers the parametrizations; collects what could not be gated."""
+
+    def __init__(self, gm: fx.GraphModule, analysis: Analysis, config: HyperfluxConfig):
+        self.gm, self.analysis, self.config = gm, analysis, config
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.gates: list[GateScores] = []
+        self.tensors: list[GatedTensor] = []
+        self.plans: list[ChannelPlan] = []
+        self.skipped: dict[str, str] = {}
+        self.params = dict(gm.named_parameters(remove_duplicate=False))
+        self.names_of: dict[int, list[str]] = {}
+        for name, p in self.params.items():
+            self.names_of.setdefault(id(p), []).append(name)
+        self.macs = {t.key: t.macs for t in analysis.gate_targets}
+        self.shares: list[torch.Tensor] = []  # un-normalised pressure per gate
+
+    # -- checks and costs ----------------------------------------------------------------
+    def ungateable(self, key: str) -> str:
+        """Why parameter ``key`` cannot carry a gate ("" when it can)."""
+        if "." not in key:
+            return "belongs to the root module (fxprune gates parameters of submodules only)"
+        param = self.params.get(key)
+        if param is None:
+            return "is not a parameter of the model any more (replaced by an earlier pass?)"
+        names = self.names_of[id(param)]
+        if len(names) > 1:
+            return f"is shared with {', '.join(n for n in names if n != key)} (tied weights are not gated)"
+        return ""
+
+    def element_cost(self, key: str) -> float:
+        """What one element of ``key`` counts: 1 or MACs per element for a conv/linear weight, else 0."""
+        if key not in self.macs:
+            return 0.0
+        if self.config.weight_by == "params":
+            return 1.0
+        return self.macs[key] / self.params[key].numel()
+
+    def new_scores(self, name: str, shape: tuple, device: torch.device) -> GateScores:
+        low, high = self.config.gate_init
+        score = torch.empty(shape).uniform_(low, high, generator=self.generator).to(device)
+        gate = GateScores(name, score, torch.zeros(()))
+        self.gates.append(gate)
+        return gate
+
+    def register(self, key: str, gate: nn.Module) -> None:
+        path, _, name = key.rpartition(".")
+        parametrize.register_parametrization(self.gm.get_submodule(path), name, gate)
+        cost = self.element_cost(key)
+        if cost:
+            self.tensors.append(GatedTensor(key, gate, self.params[key].numel(), cost))
+
+    # -- weight granularity --------------------------------------------------------------
+    def gate_weights(self, targets: list[GateTarget]) -> None:
+        for target in targets:
+            reason = self.ungateable(target.key)
+            if reason:
+                self.skipped[target.key] = reason
+                continue
+            weight = self.params[target.key]
+            scores = self.new_scores(target.key, tuple(weight.shape), weight.device)
+            self.shares.append(torch.tensor(self.element_cost(target.key)))
+            self.register(target.key, WeightGate(scores, self.config.ste_scale))
+
+    # -- channel granularity -------------------------------------------------------------
+    def gate_channels(self, targets: list[GateTarget]) -> None:
+        chosen = {t.key for t in targets}
+        parts: dict[str, list[tuple[GateScores, int, torch.Tensor | None]]] = {}
+        for space in self.analysis.spaces:
+            if not any(m.key in chosen for m in space.members):
+                continue
+            label = f"space {space.id}"
+            if not space.prunable:
+                self.skipped[label] = f"not prunable: {space.reason}"
+                continue
+            gated = [m for m in space.members if m.key in self.params]
+            reasons = [f"{m.key} {r}" for m in gated if (r := self.ungateable(m.key))]
+            if reasons:
+                self.skipped[label] = "; ".join(reasons)
+                continue
+            device = self.params[gated[0].key].device
+            scores = self.new_scores(label, (space.size,), device)
+            self.plans.append(ChannelPlan(space.id, len(self.gates) - 1, space.size, list(space.members)))
+            self.shares.append(self.channel_costs(space, gated))
+            for m in gated:
+                index = channel_index(m.positions, self.params[m.key].shape[m.axis], space.size)
+                parts.setdefault(m.key, []).append((scores, m.axis, None if index is None else index.to(device)))
+        for key, key_parts in parts.items():
+            gate = ChannelGate(tuple(self.params[key].shape), self.config.ste_scale)
+            for scores, axis, index in key_parts:
+                gate.add_part(scores, axis, index)
+            self.register(key, gate)
+
+    def channel_costs(self, space: Space, members) -> torch.Tensor:
+        """Cost each channel of ``space`` controls, summed over its gated members."""
+        costs = torch.zeros(space.size, dtype=torch.float64)
+        for m in members:
+            cost = self.element_cost(m.key)
+            if not cost:
+                continue
+            shape = self.params[m.key].shape
+            per_position = shape.numel() // shape[m.axis]
+            counts = torch.tensor([len(p) if isinstance(p, list) else 1 for p in m.positions], dtype=torch.float64)
+            costs += counts * per_position * cost
+        return costs
+
+    def normalise_pressure(self) -> None:
+        """pressure_share of every score, so that the shares of all scores sum to 1."""
+        total = sum(float(share.expand(g.score.shape).sum()) for g, share in zip(self.gates, self.shares))
+        if total <= 0:
+            raise ConfigError("Hyperflux: the gated weights have no MACs recorded by the analysis; "
+                              "use HyperfluxConfig(weight_by='params')")
+        for g, share in zip(self.gates, self.shares):
+            g.pressure_share = (share / total).float().to(g.score.device)
+
+
+def channel_index(positions: list, axis_size: int, space_size: int) -> torch.Tensor | None:
+    """Channel of each position along an axis (``space_size`` outside the space); None for identity."""
+    index = torch.full((axis_size,), space_size, dtype=torch.long)
+    for j, pos in enumerate(positions):
+        index[torch.as_tensor(pos, dtype=torch.long)] = j
+    if axis_size == space_size and torch.equal(index, torch.arange(axis_size)):
+        return None
+    return index
+
+
+def synthetic_inputs(gm: fx.GraphModule) -> tuple:
+    """Example inputs rebuilt from the placeholders' recorded shapes and dtypes (random floats,
+    zero integers); stops at the first placeholder without a recorded tensor (a default argument)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            break
+        if meta.dtype.is_floating_point:
+            inputs.append(torch.randn(tuple(meta.shape), generator=generator).to(meta.dtype))
+        else:
+            inputs.append(torch.zeros(tuple(meta.shape), dtype=meta.dtype))
+    return tuple(inputs)

@@ -1,0 +1,197 @@
+"""HyperfluxRuntime: gate updates (Adam + global pressure), pressure scheduler, density bookkeeping.
+
+The user calls ``step()`` once after each optimiser step. State lives in ``state_dict()``: the
+scores and their Adam moments are buffers of ``gates``; the Adam step count is a buffer; the
+scheduler state and the history travel as extra state. Resuming from a saved state therefore
+continues the exact trajectory.
+
+Weight decay note: the user's optimiser also decays the weights of closed gates, and with them
+their flux (dL/dt = ste_scale * w * g), so weights that stay pruned long regrow less and less (the
+authors' code behaves the same).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import HyperfluxConfig
+from .gate import GateScores
+from .scheduler import PressureScheduler
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class GatedTensor:
+    """A tensor masked by gates: state_dict key of the original, its parametrization, its cost.
+
+    ``cost`` is what one element counts in the density: 1 (``weight_by="params"``) or the MACs
+    it takes part in for the example batch (``weight_by="macs"``; 0 for biases and norm affines).
+    """
+
+    key: str
+    gate: nn.Module  # WeightGate | ChannelGate
+    numel: int
+    cost: float
+
+
+@dataclass
+class ChannelPlan:
+    """A gated channel space: the index of its scores in ``runtime.gates`` and every member
+    (parameters and buffers) as (state_dict key, axis, positions), used by export to slice."""
+
+    space_id: int
+    gate_index: int
+    size: int
+    members: list
+
+
+class HyperfluxRuntime(nn.Module):
+    """Training-time state of Hyperflux on one model (``model.fxprune.hyperflux``).
+
+    Attributes:
+        config: the HyperfluxConfig.
+        gates: ModuleList of GateScores (one per gated weight, or one per gated channel space).
+        tensors: GatedTensor per masked tensor (plain list).
+        channel_plans: ChannelPlan per gated space (channel granularity; empty otherwise).
+        skipped: gate targets or spaces left ungated, with the reason.
+        example_inputs: inputs export verifies against (not saved in state_dict).
+    """
+
+    def __init__(self, config: HyperfluxConfig, gates: list[GateScores], tensors: list[GatedTensor],
+                 channel_plans: list[ChannelPlan], skipped: dict[str, str], example_inputs: tuple,
+                 model_name: str = ""):
+        super().__init__()
+        self.config = config
+        self.gates = nn.ModuleList(gates)
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64))
+        object.__setattr__(self, "tensors", tensors)  # the gates are submodules of the model
+        self.channel_plans = channel_plans
+        self.skipped = skipped
+        self.example_inputs = example_inputs
+        self.model_name = model_name
+        self.scheduler = PressureScheduler(config)
+        self._history: list[dict] = []
+        self.total_cost = float(sum(t.numel * t.cost for t in tensors))
+
+    # -- the user's call -----------------------------------------------------------------
+    def step(self) -> None:
+        """Call once after each optimiser step: update the gates, then advance the scheduler."""
+        sched = self.scheduler
+        phase = sched.phase()
+        if phase == "frozen":
+            self._set_trainable(False)
+            return
+        grads = self.gate_gradients()
+        self._adam(grads, sched.gate_lr())
+        for g in self.gates:
+            g.score.grad = None
+        sched.advance()
+        if sched.update_due():
+            density = self.density()
+            sched.update(density)
+            self._history.append({"step": sched.steps, "gamma": sched.gamma, "gamma_eff": sched.gamma_eff,
+                                  "density": density, "target": sched.target()})
+        if sched.phase() == "frozen":
+            self._set_trainable(False)
+
+    def gate_gradients(self) -> list[torch.Tensor]:
+        """Gradients the next update applies: data gradient (averaged across ranks under
+        torch.distributed) plus the pressure ``gamma_eff * pressure_share`` (gamma_eff / N for a
+        weight gate, N = number of gated weights)."""
+        grads = []
+        gamma_eff = self.scheduler.gamma_eff
+        for g in self.gates:
+            grad = g.score.grad
+            grad = torch.zeros_like(g.score) if grad is None else grad.detach().clone()
+            if _distributed():
+                dist.all_reduce(grad)
+                grad /= dist.get_world_size()
+            if gamma_eff:
+                grad += gamma_eff * g.pressure_share
+            grads.append(grad)
+        return grads
+
+    @torch.no_grad()
+    def _adam(self, grads: list[torch.Tensor], lr: float) -> None:
+        self.adam_step += 1
+        step = int(self.adam_step)
+        beta1, beta2 = ADAM_BETAS
+        correction1 = 1 - beta1 ** step
+        correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        for g, grad in zip(self.gates, grads):
+            g.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            g.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (g.exp_avg_sq.sqrt() / correction2_sqrt).add_(ADAM_EPS)
+            g.score.addcdiv_(g.exp_avg, denom, value=-lr / correction1)
+
+    def _set_trainable(self, trainable: bool) -> None:
+        for g in self.gates:
+            if g.score.requires_grad != trainable:
+                g.set_trainable(trainable)
+
+    # -- reading -------------------------------------------------------------------------
+    @torch.no_grad()
+    def density(self) -> float:
+        """Fraction of the gated weights kept (of their MACs with ``weight_by="macs"``)."""
+        if not self.total_cost:
+            return 1.0
+        kept = sum(_kept_elements(t) * t.cost for t in self.tensors)
+        return float(kept) / self.total_cost
+
+    def sparsity(self) -> float:
+        """Fraction of the gated weights pruned (of their MACs with ``weight_by="macs"``)."""
+        return 1.0 - self.density()
+
+    @torch.no_grad()
+    def densities(self) -> dict[str, float]:
+        """Fraction kept of each gated tensor, by state_dict key of the original tensor."""
+        return {t.key: float(_kept_elements(t)) / t.numel for t in self.tensors}
+
+    @property
+    def phase(self) -> str:
+        return self.scheduler.phase()
+
+    @property
+    def steps(self) -> int:
+        return self.scheduler.steps
+
+    @property
+    def gamma(self) -> float:
+        return self.scheduler.gamma
+
+    @property
+    def gamma_eff(self) -> float:
+        return self.scheduler.gamma_eff
+
+    @property
+    def history(self) -> list[dict]:
+        """One dict per scheduler update: step, gamma, gamma_eff, density, target (fractions)."""
+        return [dict(h) for h in self._history]
+
+    # -- state_dict ----------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "history": self.history}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._history = [dict(h) for h in state["history"]]
+        self._set_trainable(self.scheduler.phase() != "frozen")
+
+    def extra_repr(self) -> str:
+        return (f"granularity={self.config.granularity}, gated_tensors={len(self.tensors)}, "
+                f"phase={self.phase}, step={self.steps}, gamma={self.gamma:.4g}")
+
+
+def _kept_elements(tensor: GatedTensor) -> torch.Tensor:
+    """Kept elements of a gated tensor (its mask is constant along the axes it broadcasts over)."""
+    mask = tensor.gate.keep_mask()
+    return mask.sum() * (tensor.numel // mask.numel())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

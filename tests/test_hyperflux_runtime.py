@@ -1,0 +1,166 @@
+"""Hyperflux runtime: state placement, pressure, dynamics, resume, distributed averaging, training."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from fxprune.hyperflux import HyperfluxConfig
+from fxprune.hyperflux import runtime as runtime_module
+from hyperflux_models import TinyCNN, batches, gated, mlp, one_thread, teacher_data, train  # noqa: F401 (fixture)
+
+
+def test_scores_are_buffers_in_state_dict_not_parameters():
+    gm, rt = gated(TinyCNN(), torch.randn(2, 3, 8, 8))
+    score_ids = {id(g.score) for g in rt.gates}
+    assert score_ids and not score_ids & {id(p) for p in gm.parameters()}
+    keys = gm.state_dict().keys()
+    assert all(f"fxprune.hyperflux.gates.{i}.{b}" in keys for i in range(3) for b in ("score", "exp_avg", "exp_avg_sq"))
+    assert "fxprune.hyperflux._extra_state" in keys and "fxprune.hyperflux.adam_step" in keys
+    assert all(g.score.is_leaf and g.score.requires_grad for g in rt.gates)
+
+
+def test_channel_scores_are_stored_once_per_space():
+    gm, rt = gated(TinyCNN(), torch.randn(2, 3, 8, 8), granularity="channel")
+    score_keys = [k for k in gm.state_dict() if k.endswith(".score")]
+    assert score_keys == ["fxprune.hyperflux.gates.0.score"]
+    assert rt.gates[0].score.shape == (8,)
+
+
+def test_pressure_gradient_is_gamma_eff_over_n_without_data_loss():
+    gm, rt = gated(TinyCNN(), torch.randn(2, 3, 8, 8))
+    rt.scheduler.gamma = 2.0
+    n = sum(g.score.numel() for g in rt.gates)
+    for grad in rt.gate_gradients():
+        assert torch.allclose(grad, torch.full_like(grad, 2.0 ** 1.5 / n), rtol=1e-6, atol=0)
+    # the first Adam step moves every score down by gate_lr (the update is the sign of a constant gradient)
+    before = [g.score.detach().clone() for g in rt.gates]
+    rt.step()
+    for b, g in zip(before, rt.gates):
+        assert torch.allclose(b - g.score, torch.full_like(b, 1e-3), atol=1e-7)
+
+
+def test_channel_pressure_is_weighted_by_the_params_each_channel_controls():
+    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel")
+    rt.scheduler.gamma = 1.0
+    first, second = rt.gate_gradients()  # hidden spaces: 16 + 32 and 64 + 4 weights per channel
+    total = 64 * (16 + 32) + 32 * (64 + 4)
+    assert torch.allclose(first, torch.full((64,), (16 + 32) / total))
+    assert torch.allclose(second, torch.full((32,), (64 + 4) / total))
+    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel", weight_by="macs")
+    rt.scheduler.gamma = 1.0
+    first, second = rt.gate_gradients()  # a batch of 8: MACs = 8 x weights
+    assert torch.allclose(first, torch.full((64,), (16 + 32) / total))
+
+
+def _run(gamma: float, steps: int = 30):
+    x, y = teacher_data()
+    gm, rt = gated(mlp(), x[:8], pruning_steps=1000, scheduler_interval=1000, gate_lr=0.05)
+    rt.scheduler.gamma = gamma
+    train(gm, rt.step, batches(x, y, steps))
+    return rt
+
+
+def test_large_pressure_lowers_density():
+    # without pressure only the data flux moves the scores (it closes some weights of this untrained net)
+    assert _run(gamma=5.0).density() < 0.1 < 0.5 < _run(gamma=0.0).density()
+
+
+def test_needed_weight_regrows_without_pressure():
+    """A closed gate on a weight the loss needs reopens once gamma is 0 (its flux pulls it back)."""
+    target = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    model = nn.Sequential(nn.Linear(4, 1, bias=False))
+    model[0].weight.data.copy_(target)
+    x = torch.randn(64, 4)
+    gm, rt = gated(model, x, gate_lr=0.02, pruning_steps=1000, scheduler_interval=1000)
+    assert rt.gamma == 0
+    with torch.no_grad():
+        rt.gates[0].score[0, 2] = -0.05
+    assert rt.density() == 0.75
+    losses = []
+    for _ in range(20):
+        xb = torch.randn(64, 4)
+        loss = F.mse_loss(gm(xb), xb @ target.T)
+        loss.backward()
+        rt.step()
+        losses.append(loss.item())
+    assert rt.density() == 1.0 and losses[-1] < 1e-10 < losses[0]
+
+
+def _resume_setup():
+    x, y = teacher_data()
+    data = batches(x, y, 40)
+    config = dict(target_sparsity=0.8, pruning_steps=20, regrowth_steps=10, scheduler_interval=2, gate_lr=0.05)
+    return x, data, config
+
+
+def _fresh(x, config):
+    torch.manual_seed(0)
+    gm, rt = gated(mlp(), x[:8], **config)
+    return gm, rt, torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_resume_from_state_dict_equals_uninterrupted():
+    x, data, config = _resume_setup()
+    gm_a, rt_a, opt_a = _fresh(x, config)
+    train(gm_a, rt_a.step, data, opt_a)
+
+    gm_b, rt_b, opt_b = _fresh(x, config)
+    train(gm_b, rt_b.step, data[:13], opt_b)  # stop mid-way through the pruning phase
+    saved = copy.deepcopy((gm_b.state_dict(), opt_b.state_dict()))
+    gm_c, rt_c, opt_c = _fresh(x, dict(config, seed=123))  # different initial scores: all must come from the save
+    gm_c.load_state_dict(saved[0])
+    opt_c.load_state_dict(saved[1])
+    train(gm_c, rt_c.step, data[13:], opt_c)
+
+    assert rt_a.phase == rt_c.phase == "frozen"
+    assert rt_c.history == rt_a.history and len(rt_a.history) == 10
+    assert max(h["gamma"] for h in rt_a.history) > 0
+    state_a, state_c = gm_a.state_dict(), gm_c.state_dict()
+    for key, value in state_a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state_c[key]), key
+
+
+def test_distributed_gradients_are_averaged(monkeypatch):
+    gm, rt = gated(mlp((4, 3, 2)), torch.randn(2, 4))
+    for g in rt.gates:
+        g.score.grad = torch.ones_like(g.score)
+    other_rank = 3.0
+    monkeypatch.setattr(runtime_module, "_distributed", lambda: True)
+    monkeypatch.setattr(runtime_module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(runtime_module.dist, "all_reduce", lambda t: t.add_(other_rank))
+    for grad in rt.gate_gradients():
+        assert torch.equal(grad, torch.full_like(grad, (1.0 + other_rank) / 2))
+
+
+def test_short_training_run_reaches_target_sparsity():
+    x, y = teacher_data()
+    torch.manual_seed(0)
+    gm, rt = gated(mlp(), x[:8], target_sparsity=0.9, pruning_steps=300, scheduler_interval=10, gate_lr=0.01)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    train(gm, rt.step, batches(x, y, 300), optimizer)
+    assert rt.sparsity() == pytest.approx(0.9, abs=0.01)
+    assert rt.history[-1]["target"] == pytest.approx(0.1)
+    assert (gm(x).argmax(1) == y).float().mean() > 0.9
+
+
+def test_wrap_step_sparsity_and_device_moves():
+    model, x = TinyCNN(), torch.randn(2, 3, 8, 8)
+    wrapped = fxprune.wrap(model, x, hyperflux=HyperfluxConfig(0.5, pruning_steps=10, gate_lr=0.1))
+    rt = wrapped.fxprune.hyperflux
+    assert not {id(g.score) for g in rt.gates} & {id(p) for p in wrapped.parameters()}
+    rt.scheduler.gamma = 10.0
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.01)
+    for _ in range(4):
+        optimizer.zero_grad()
+        wrapped(x).square().mean().backward()
+        optimizer.step()
+        wrapped.fxprune.step()
+    assert 0 < wrapped.fxprune.sparsity() == rt.sparsity()
+    wrapped.to(torch.float64)
+    assert all(g.score.is_leaf and g.score.requires_grad and g.score.dtype == torch.float32 for g in rt.gates)
+    wrapped(x.double()).sum().backward()
+    assert all(g.score.grad is not None for g in rt.gates)
