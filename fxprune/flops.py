@@ -3,9 +3,10 @@
 ``fxprune.flops(model, example_inputs)`` returns a :class:`FlopReport` with two numbers per module:
 
 - **dense**: fvcore's ``FlopCountAnalysis`` (torch.jit trace) with fvcore's own op handles plus
-  :data:`EXTRA_HANDLES` (``aten::scaled_dot_product_attention``, ``aten::baddbmm``) and any added
-  with :func:`register_flop_handle`. For a plain model it equals
-  ``FlopCountAnalysis(model, inputs).set_op_handle(**EXTRA_HANDLES).total()`` exactly.
+  :func:`flop_handles` (:data:`EXTRA_HANDLES`: ``aten::scaled_dot_product_attention``,
+  ``aten::baddbmm``; Hyperflux's gate declared free; any added with :func:`register_flop_handle`).
+  For a plain model it equals ``FlopCountAnalysis(model, inputs).set_op_handle(**flop_handles()).total()``
+  exactly (and plain fvcore's total when the model has none of those ops).
 - **effective**: the work these inputs need. A conv/linear whose effective weight has zeros (static
   zeros, or Hyperflux gates: with ``torch.nn.utils.parametrize`` ``module.weight`` is the effective
   weight) counts ``dense x nnz(weight) / numel(weight)``. An ExPrune op (any module with
@@ -46,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from .capture import normalize_inputs
 from .errors import ConfigError, FxpruneError
 
-__all__ = ["flops", "FlopReport", "FlopCount", "FlopComparison", "FlopCountError", "EXTRA_HANDLES",
+__all__ = ["flops", "FlopReport", "FlopCount", "FlopComparison", "FlopCountError", "EXTRA_HANDLES", "FREE_OPS",
            "register_flop_handle", "flop_handles", "UNITS", "SCHEMA"]
 
 UNITS = {"mac": 1, "flop": 2}
@@ -87,6 +88,9 @@ EXTRA_HANDLES: dict[str, Callable] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::baddbmm": baddbmm_flop_jit,
 }
+# Ops that are not per-input work: Hyperflux's straight-through gate (fxprune/hyperflux/gate.py)
+# masks the weight (the gated conv/linear is counted with its zeros) and is folded by export.
+FREE_OPS = ("prim::PythonOp._StraightThroughGate",)
 _REGISTERED_HANDLES: dict[str, Callable | None] = {}
 
 
@@ -100,9 +104,17 @@ def register_flop_handle(op_name: str, handle: Callable | None) -> None:
     _REGISTERED_HANDLES[op_name] = handle
 
 
-def flop_handles() -> dict[str, Callable | None]:
-    """The handles :func:`flops` adds to fvcore's defaults: :data:`EXTRA_HANDLES` + registered."""
-    return {**EXTRA_HANDLES, **_REGISTERED_HANDLES}
+def free_op(inputs: list, outputs: list) -> int:
+    """Handle of an op declared free: 0 MACs, not listed as unsupported. (fvcore's own way,
+    ``set_op_handle(name, None)``, does not work for ``prim::PythonOp.<Name>``.)"""
+    return 0
+
+
+def flop_handles() -> dict[str, Callable]:
+    """The handles :func:`flops` adds to fvcore's defaults: :data:`EXTRA_HANDLES`, :data:`FREE_OPS`
+    (counted 0, not listed as unsupported) and those added with :func:`register_flop_handle`."""
+    handles = {**EXTRA_HANDLES, **dict.fromkeys(FREE_OPS), **_REGISTERED_HANDLES}
+    return {name: free_op if handle is None else handle for name, handle in handles.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +249,7 @@ def _counting_state(root: nn.Module) -> Iterator[None]:
         root.eval()
         for m in compiled:
             m._compiled_call_impl = None
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _tensor_state_only():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -245,6 +257,27 @@ def _counting_state(root: nn.Module) -> Iterator[None]:
             m.training = flag
         for m, impl in compiled.items():
             m._compiled_call_impl = impl
+
+
+@contextmanager
+def _tensor_state_only() -> Iterator[None]:
+    """torch.jit's tracer feeds every state_dict value to the graph as an input and fails on
+    non-tensor extra state (``get_extra_state``, e.g. Hyperflux's scheduler state): hide it."""
+    from torch.jit import _trace
+
+    original = _trace._unique_state_dict
+
+    def tensors_only(module, keep_vars=False):
+        state = original(module, keep_vars=keep_vars)
+        for key in [k for k, v in state.items() if not isinstance(v, torch.Tensor)]:
+            del state[key]
+        return state
+
+    _trace._unique_state_dict = tensors_only
+    try:
+        yield
+    finally:
+        _trace._unique_state_dict = original
 
 
 def _fvcore_counts(root: nn.Module, inputs: tuple, name: str):
@@ -275,21 +308,33 @@ def exprune_ops(root: nn.Module) -> dict[str, nn.Module]:
     """Innermost modules implementing the ExPrune op protocol (``reset_stats``, ``mac_counts``)."""
     found = {name: m for name, m in root.named_modules()
              if callable(getattr(m, "mac_counts", None)) and callable(getattr(m, "reset_stats", None))}
-    return {name: m for name, m in found.items()
-            if not any(other.startswith(name + ".") or (name == "" and other) for other in found if other != name)}
+    ops = set(found.values())
+    return {name: m for name, m in found.items() if not any(sub in ops for sub in list(m.modules())[1:])}
 
 
 def _exprune_records(root: nn.Module, inputs: tuple) -> dict[str, tuple[float, float]]:
+    """Reset the ExPrune ops, run the model once, read ``mac_counts()`` of the ops it called.
+
+    Modules that speak the protocol but are not called (a runtime aggregating the ops through
+    plain references) are not ops: their counts would be counted twice.
+    """
     ops = exprune_ops(root)
     if not ops:
         return {}
-    for m in ops.values():
-        m.reset_stats()
-    root(*inputs)
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: called.add(name)) for name, m in ops.items()]
+    try:
+        for m in ops.values():
+            m.reset_stats()
+        root(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
     records = {}
     for name, m in ops.items():
-        dense, effective = m.mac_counts()
-        records[name] = (float(dense), float(effective))
+        if name in called:
+            dense, effective = m.mac_counts()
+            records[name] = (float(dense), float(effective))
     return records
 
 

@@ -60,8 +60,16 @@ def build(spec: str, input_shapes: Sequence[Sequence[int]] = ()) -> tuple[nn.Mod
     """Build the model named by ``spec`` and random example inputs of ``input_shapes``.
 
     Returns ``(model, example_inputs)``; the model is in eval mode. Without shapes, timm models
-    use their ``pretrained_cfg["input_size"]`` (batch 1) and PyG models ``100,16``.
+    use their ``pretrained_cfg["input_size"]`` (batch 1) and PyG models ``100,16``. Weights and
+    inputs are drawn with seed 0 (the global RNG is left as it was): a spec and shapes always give
+    the same model and inputs.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _build(spec, input_shapes)
+
+
+def _build(spec: str, input_shapes: Sequence[Sequence[int]]) -> tuple[nn.Module, tuple]:
     kind, name = split_spec(spec)
     if kind == "pyg":
         return _build_pyg(name, input_shapes)

@@ -10,13 +10,13 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.flops import EXTRA_HANDLES, FlopCountError, FlopReport, flops
+from fxprune.flops import FlopCountError, FlopReport, flop_handles, flops
 
 
 def fvcore_total(model, inputs, extra=True):
     fca = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     if extra:
-        fca.set_op_handle(**EXTRA_HANDLES)
+        fca.set_op_handle(**flop_handles())
     return fca.total()
 
 
@@ -206,10 +206,24 @@ def test_only_innermost_exprune_ops_are_read():
         def forward(self, x):
             return self.op(x)
 
+    class Aggregator(nn.Module):  # holds plain references to the ops, is never called
+        def __init__(self, ops):
+            super().__init__()
+            self.ops = ops
+
+        def reset_stats(self):
+            for op in self.ops.values():
+                op.reset_stats()
+
+        def mac_counts(self):
+            return tuple(map(sum, zip(*(op.mac_counts() for op in self.ops.values()))))
+
     model = _toy()
     model.conv = Runtime(FakeExPruneConv(model.conv, skip=0.5))
+    model.runtime = Aggregator({"conv": model.conv.op})
     r = flops(model, torch.randn(2, 3, 8, 8))
     assert list(r.exprune_ops) == ["conv.op"] and r.effective == CONV / 2 + FC
+    assert r.dense == CONV + FC and not r.notes
 
 
 def test_wrapped_model_that_prunes_nothing():
@@ -226,6 +240,24 @@ def test_wrapped_model_that_prunes_nothing():
     overhead = sum(c.effective - c.dense for c in r.exprune_ops.values())
     assert r.dense == flops(model, x).dense
     assert r.effective == pytest.approx(r.dense + overhead)
+
+
+def test_hyperflux_gates_close_weights():
+    try:
+        config = fxprune.HyperfluxConfig(0.5, pruning_steps=10)
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"Hyperflux not available yet: {exc}")
+    model = _toy()
+    x = torch.randn(2, 3, 8, 8)
+    wrapped = fxprune.wrap(model, x, hyperflux=config)
+    assert flops(wrapped, x).effective == CONV + FC  # all gates open
+    gates = {name: getattr(wrapped, name).parametrizations.weight[0] for name in ("conv", "fc")}
+    with torch.no_grad():
+        gates["conv"].scores.score[:4] = -1.0  # close half the filters
+        gates["fc"].scores.score[:, :72] = -1.0  # and a quarter of the fc weights
+    r = flops(wrapped, x)
+    assert r.dense == CONV + FC and r.effective == pytest.approx(CONV / 2 + FC * 3 / 4)
+    assert not any("StraightThrough" in op for op in r.unsupported_ops)  # the gate is declared free
 
 
 def test_sdpa_handle_hand_count():
