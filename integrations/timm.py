@@ -1,14 +1,191 @@
-"""timm integration: timm's own FX leaf/autowrap registry is respected by fxprune's capture."""
+"""timm integration: capture policy, axis rules for timm's fused leaves, ``create_model``.
+
+Capture: timm's own FX registry (``register_notrace_module`` / ``register_notrace_function``)
+decides what is a leaf, with two adjustments checked on real models: blocks timm marks only for
+its feature extractor but which trace exactly (``NormFreeBlock``, LowFormer's ``ConvAttention``)
+are traced through, and weight-standardized convs (``StdConv2d``, ``ScaledStdConv2d``) are kept as
+leaves so that their weight stays one gateable parameter.
+
+Rules: norm + activation layers (``BatchNormAct2d`` and friends) act like BatchNorm followed by
+their (elementwise) activation; same-padding and weight-standardized convs act like convs (the
+standardization reduces over input channels: exchangeable, not prunable); VGG's ``ConvMlp`` and
+the Fourier position encodings link their boundary channels to the parameters that produce them.
+"""
 from __future__ import annotations
 
-from timm.models import _features_fx as _timm_fx
+from importlib import import_module
+from typing import Any
 
+import timm
+from timm.layers import activations as _acts
+from timm.layers import activations_me as _acts_me
+from timm.layers import norm_act as _norm_act
+from timm.layers import std_conv as _std_conv
+from timm.models import _features_fx as _timm_fx
+from torch import nn
+
+from fxprune.analysis.rules import (
+    MODULE_RULES, RuleContext, batchnorm_module_rule, conv_module_rule, first_arg_identity, register_rule,
+)
 from fxprune.capture import LeafPolicy, register_capture_hook
 
-
-def _timm_leaf_policy(model) -> LeafPolicy:
-    return LeafPolicy(leaf_types=set(_timm_fx.get_notrace_modules()),
-                      autowrap_functions=set(_timm_fx.get_notrace_functions()))
+__all__ = ["create_model", "leaf_policy", "TRACE_THROUGH", "EXTRA_LEAVES"]
 
 
-register_capture_hook(_timm_leaf_policy)
+def _timm_class(module: str, name: str) -> type | None:
+    """A timm class by module path and name, or None in a timm version without it."""
+    try:
+        mod = import_module(module)
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
+
+
+# timm marks these notrace for its feature extractor; they trace exactly (checked by the tests).
+TRACE_THROUGH: set[type] = {c for c in (
+    _timm_class("timm.models.nfnet", "NormFreeBlock"),
+    _timm_class("timm.models.lowformer", "ConvAttention"),
+) if c is not None}
+# Traced, these become reshape + functional batch_norm + functional conv on a computed weight:
+# as leaves their weight stays a parameter that Hyperflux can gate and the rules below see.
+EXTRA_LEAVES: set[type] = {_std_conv.StdConv2d, _std_conv.ScaledStdConv2d}
+
+
+def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
+    """The capture policy for timm models (timm's FX registry, adjusted as described above)."""
+    leaves = (set(_timm_fx.get_notrace_modules()) - TRACE_THROUGH) | EXTRA_LEAVES
+    return LeafPolicy(leaf_types=leaves, autowrap_functions=set(_timm_fx.get_notrace_functions()))
+
+
+register_capture_hook(leaf_policy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Axis rules
+# ---------------------------------------------------------------------------------------------
+
+_ELEMENTWISE_TYPES = tuple(
+    c for c in (*vars(_acts).values(), *vars(_acts_me).values())
+    if isinstance(c, type) and issubclass(c, nn.Module) and c is not _acts.PReLU
+) + (timm.layers.DropPath, timm.layers.DropBlock2d)
+
+
+def _is_elementwise(m: nn.Module) -> bool:
+    if isinstance(m, _ELEMENTWISE_TYPES):
+        return True
+    for cls in type(m).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls] is first_arg_identity
+    return False
+
+
+def _inner_activations(ctx: RuleContext, channel_dim: int, *names: str) -> None:
+    """Submodules applied elementwise after the op (activation, dropout) on the output channels.
+
+    A per-channel PReLU links its weight to the channels; anything else breaks the channels.
+    """
+    out = ctx.out
+    for name in names:
+        m = getattr(ctx.module, name, None)
+        if m is None or _is_elementwise(m):
+            continue
+        if isinstance(m, nn.PReLU):
+            w = ctx.param(f"{name}.weight")
+            if w is not None and ctx.size(w[0]) > 1:
+                ctx.same(out[channel_dim], w[0])
+            continue
+        ctx.breaks(out[channel_dim], f"{ctx.description}: inner {name} ({type(m).__name__}) has no elementwise rule")
+
+
+def norm_act_rule(ctx: RuleContext) -> None:
+    """BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d: per-channel affine, then drop + act."""
+    batchnorm_module_rule(ctx)
+    if ctx.out is not None and len(ctx.out) > 1:
+        _inner_activations(ctx, 1, "drop", "act")
+
+
+def std_conv_rule(ctx: RuleContext) -> None:
+    """Weight-standardized (and same-padded) convs: a conv whose weight is normalized per output
+    channel over (input channels x kernel): exchangeable in the input channels, not prunable."""
+    conv_module_rule(ctx)
+    w, out = ctx.param("weight"), ctx.out
+    if w is not None:
+        ctx.reduces(w[1], f"{ctx.description}: weight standardization normalizes over input channels")
+    gain = ctx.param("gain")  # ScaledStdConv2d: (out, 1, 1, 1)
+    if gain is not None and out is not None:
+        ctx.same(out[1], gain[0])
+
+
+def conv_mlp_rule(ctx: RuleContext) -> None:
+    """VGG's ConvMlp: [pool] fc1 (kxk conv) -> act -> drop -> fc2 (1x1 conv) -> act."""
+    x, out = ctx.in_axes(0, "x"), ctx.out
+    fc1_w, fc1_b, fc2_w, fc2_b = (ctx.param(n) for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+    if x is None or out is None or fc1_w is None or fc2_w is None:
+        ctx.break_all(f"{ctx.description}: unexpected arguments")
+        return
+    ctx.same(x[0], out[0])
+    ctx.breaks(x[2:] + out[2:] + fc1_w[2:] + fc2_w[2:], f"{ctx.description}: spatial axis")
+    ctx.same(x[1], fc1_w[1])
+    for hidden in (fc1_w[0], fc1_b[0] if fc1_b else None):
+        ctx.same(fc2_w[1], hidden)
+    ctx.same(out[1], fc2_w[0])
+    ctx.same(out[1], fc2_b[0] if fc2_b else None)
+    for name in ("act1", "drop", "act2"):
+        if not _is_elementwise(getattr(ctx.module, name)):
+            where = out[1] if name == "act2" else fc2_w[1]
+            ctx.breaks(where, f"{ctx.description}: {name} is not elementwise")
+
+
+def fourier_position_rule(ctx: RuleContext) -> None:
+    """XCiT / EdgeNeXt PositionalEncodingFourier: fixed Fourier features of the positions, then a 1x1
+    conv; the output channels are the conv's (its input features are position-specific)."""
+    out, w, b = ctx.out, ctx.param("token_projection.weight"), ctx.param("token_projection.bias")
+    if out is None or w is None:
+        ctx.break_all(f"{ctx.description}: unexpected output")
+        return
+    ctx.same(out[1], w[0])
+    ctx.same(out[1], b[0] if b else None)
+    ctx.breaks([out[0]] + out[2:] + w[1:], f"{ctx.description}: fixed position features")
+
+
+register_rule(_norm_act.BatchNormAct2d, norm_act_rule)
+register_rule(_norm_act.SyncBatchNormAct, norm_act_rule)
+register_rule(_norm_act.FrozenBatchNormAct2d, norm_act_rule)
+for _cls in (_std_conv.StdConv2d, _std_conv.StdConv2dSame, _std_conv.ScaledStdConv2d, _std_conv.ScaledStdConv2dSame):
+    register_rule(_cls, std_conv_rule)
+for _cls in (_timm_class("timm.models.vgg", "ConvMlp"),):
+    if _cls is not None:
+        register_rule(_cls, conv_mlp_rule)
+for _cls in (_timm_class("timm.models.xcit", "PositionalEncodingFourier"),
+             _timm_class("timm.models.edgenext", "PositionalEncodingFourier")):
+    if _cls is not None:
+        register_rule(_cls, fourier_position_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# create_model
+# ---------------------------------------------------------------------------------------------
+
+def create_model(name: str, fxprune: dict | None = None, example_inputs: Any = None, **timm_kwargs) -> nn.Module:
+    """``timm.create_model(name, **timm_kwargs)`` wrapped by :func:`fxprune.wrap` in one call.
+
+    Args:
+        name: a timm model name (``timm.list_models()``).
+        fxprune: keyword arguments of :func:`fxprune.wrap` (``hyperflux=``, ``exprune=``,
+            ``compile=``, ``leaf_modules=``...). None or {} wraps with no transform.
+        example_inputs: one example batch; default: a batch of 2 at the model's
+            ``pretrained_cfg["input_size"]``.
+        **timm_kwargs: passed to ``timm.create_model`` (``pretrained``, ``num_classes``, ``img_size``...).
+    """
+    import fxprune as _fxprune
+    from fxprune.errors import ConfigError
+
+    options = dict(fxprune or {})
+    if "example_inputs" in options:
+        raise ConfigError("create_model: pass example_inputs= as its own argument, not inside fxprune=")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        raise ConfigError(f"'{name}' is not a timm model name" + (f"; did you mean one of {close}?" if close else
+                                                                 "; see timm.list_models()"))
+    model = timm.create_model(name, **timm_kwargs)
+    return _fxprune.wrap(model, example_inputs, **options)
