@@ -104,11 +104,25 @@ def _inputs(gm: fx.GraphModule, runtime: HyperfluxRuntime | None, example_inputs
 
 
 def _fold_parametrizations(gm: nn.Module) -> None:
-    """Replace every parametrized tensor by a plain one holding its current value (w * mask)."""
+    """Replace every parametrized tensor by a plain one holding its current value (w * mask).
+
+    Not ``parametrize.remove_parametrizations``: it deletes the property from the module's
+    ``Parametrized*`` class, which a deep copy shares with the original model.
+    """
     for module in list(gm.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        if not parametrize.is_parametrized(module):
+            continue
+        with torch.no_grad():
+            values = {name: getattr(module, name) for name in module.parametrizations}
+        is_param = {name: isinstance(getattr(plist, "original", None), nn.Parameter)
+                    for name, plist in module.parametrizations.items()}
+        del module._modules["parametrizations"]
+        module.__class__ = module.__class__.__bases__[0]
+        for name, value in values.items():
+            if is_param[name]:
+                module.register_parameter(name, nn.Parameter(value))
+            else:
+                module.register_buffer(name, value)
 
 
 def _slice_tensor(gm: nn.Module, key: str, axes: dict[int, set[int]]) -> None:
