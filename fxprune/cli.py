@@ -68,11 +68,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         return _run(_cmd_demo, argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(argv))
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
     return _run(args.run, args)
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--exprune-threshold -inf`` -> ``--exprune-threshold=-inf`` (argparse takes -inf for an option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--exprune-threshold" and arg.startswith("-"):
+            out[-1] = f"--exprune-threshold={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _run(command, args) -> int:

@@ -123,6 +123,7 @@ def _default_image_shape(model: nn.Module, spec: str) -> tuple[int, ...]:
 
 
 def _build_pyg(name: str, input_shapes: Sequence[Sequence[int]]) -> tuple[nn.Module, tuple]:
+    name = {m.lower(): m for m in PYG_MODELS}.get(name.lower(), name)
     if name not in PYG_MODELS:
         close = difflib.get_close_matches(name, PYG_MODELS, n=1, cutoff=0.5)
         hint = f"did you mean pyg:{close[0]}? " if close else ""
