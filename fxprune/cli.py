@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib
 import math
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -92,6 +93,9 @@ def _run(command, args) -> int:
     except FxpruneError as exc:
         print(f"fxprune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`fxprune ... | head`): not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 def _progress(message: str) -> None:

@@ -197,7 +197,8 @@ def flops(model: nn.Module, example_inputs: Any, unit: str = "mac", *, name: str
         name: model name shown in the report (default: the class name).
 
     Runs one torch.jit trace (fvcore) and, when the model has ExPrune ops, one more forward pass,
-    both in eval mode under ``torch.no_grad()``; training flags are restored afterwards.
+    both in eval mode under ``torch.no_grad()``; training flags are restored afterwards. The
+    ExPrune ops' statistics are reset: afterwards they hold that one pass.
     """
     if unit not in UNITS:
         raise ConfigError(f"unknown unit '{unit}': use 'mac' (multiply-adds, fvcore's convention) or 'flop' (2 x MACs)")

@@ -1,4 +1,5 @@
 """fxprune.flops: dense = fvcore, effective = hand counts on toy models, report schema."""
+import importlib
 import json
 import math
 
@@ -269,6 +270,21 @@ def test_sdpa_handle_hand_count():
     assert flops(Attn(), (q, k, v)).dense == 2 * 4 * 5 * 7 * (8 + 6)
 
 
+def test_register_flop_handle(monkeypatch):
+    flops_module = importlib.import_module("fxprune.flops")  # the module, not the function
+
+    monkeypatch.setattr(flops_module, "_REGISTERED_HANDLES", {})
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    assert "aten::max_pool2d" in flops(model, x).unsupported_ops
+    # one comparison per window element beyond the first: 4 channels x 4 x 4 outputs x 3
+    flops_module.register_flop_handle("aten::max_pool2d", lambda inputs, outputs: 4 * 4 * 4 * 3)
+    r = flops(model, x)
+    assert "aten::max_pool2d" not in r.unsupported_ops and r.by_operator()["max_pool2d"].dense == 192
+    with pytest.raises(ConfigError):
+        flops_module.register_flop_handle("max_pool2d", None)
+
+
 # ---------------------------------------------------------------------------------------------
 # report API and schema
 
@@ -337,8 +353,6 @@ def test_errors():
 
 
 def test_fxprune_flops_is_callable_even_after_submodule_import():
-    import importlib
-
     importlib.import_module("fxprune.flops")
     r = fxprune.flops(_toy(), torch.randn(2, 3, 8, 8))
     assert r.dense == CONV + FC and math.isclose(r.saved, 0.0)
