@@ -26,7 +26,7 @@ def weight_score_grad(draw, channel: bool):
 def _ste(w, score, grad, scale):
     w = w.clone().requires_grad_()
     score = score.clone().requires_grad_()
-    out = straight_through_gate(w, score, scale)
+    out = straight_through_gate(w, [score], scale)
     out.backward(grad)
     return out, w.grad, score.grad
 
@@ -50,6 +50,22 @@ def test_ste_per_channel_gradient_is_summed_over_the_channel(case):
     assert torch.equal(grad_w, grad * mask)
     expected = (0.25 * w * grad).sum_to_size(score.shape)
     assert grad_t.shape == score.shape and torch.allclose(grad_t, expected, atol=1e-6)
+
+
+@given(st.integers(0, 2**16))
+def test_ste_with_gates_on_two_axes(seed):
+    """A conv weight gated on its output and input channels: each score's flux is masked by the other gate."""
+    g = torch.Generator().manual_seed(seed)
+    w, grad = torch.randn(4, 3, 2, generator=g), torch.randn(4, 3, 2, generator=g)
+    rows = torch.randn(4, 1, 1, generator=g).requires_grad_()
+    cols = torch.randn(1, 3, 1, generator=g).requires_grad_()
+    w.requires_grad_()
+    straight_through_gate(w, [rows, cols], 0.25).backward(grad)
+    keep_rows, keep_cols = rows.detach() >= 0, cols.detach() >= 0
+    flux = 0.25 * w.detach() * grad
+    assert torch.equal(w.grad, grad * (keep_rows & keep_cols))
+    assert torch.allclose(rows.grad, (flux * keep_cols).sum((1, 2), keepdim=True), atol=1e-6)
+    assert torch.allclose(cols.grad, (flux * keep_rows).sum((0, 2), keepdim=True), atol=1e-6)
 
 
 @pytest.mark.parametrize("granularity", ["weight", "channel"])

@@ -1,8 +1,8 @@
 """HyperfluxRuntime: gate updates (Adam + global pressure), pressure scheduler, density bookkeeping.
 
 The user calls ``step()`` once after each optimiser step. State lives in ``state_dict()``: the
-scores and their Adam moments are buffers of ``gates``; the Adam step count is a buffer; the
-scheduler state and the history travel as extra state. Resuming from a saved state therefore
+scores and their Adam state are buffers of ``gates``; the scheduler state and the history travel
+as extra state. Resuming from a saved state therefore
 continues the exact trajectory.
 
 Weight decay note: the user's optimiser also decays the weights of closed gates, and with them
@@ -68,7 +68,6 @@ class HyperfluxRuntime(nn.Module):
         super().__init__()
         self.config = config
         self.gates = nn.ModuleList(gates)
-        self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64))
         object.__setattr__(self, "tensors", tensors)  # the gates are submodules of the model
         self.channel_plans = channel_plans
         self.skipped = skipped
@@ -82,14 +81,11 @@ class HyperfluxRuntime(nn.Module):
     def step(self) -> None:
         """Call once after each optimiser step: update the gates, then advance the scheduler."""
         sched = self.scheduler
-        phase = sched.phase()
-        if phase == "frozen":
+        if sched.phase() == "frozen":
             self._set_trainable(False)
             return
-        grads = self.gate_gradients()
-        self._adam(grads, sched.gate_lr())
-        for g in self.gates:
-            g.score.grad = None
+        self._complete_gradients()
+        self._adam(sched.gate_lr())
         sched.advance()
         if sched.update_due():
             density = self.density()
@@ -99,35 +95,31 @@ class HyperfluxRuntime(nn.Module):
         if sched.phase() == "frozen":
             self._set_trainable(False)
 
-    def gate_gradients(self) -> list[torch.Tensor]:
-        """Gradients the next update applies: data gradient (averaged across ranks under
-        torch.distributed) plus the pressure ``gamma_eff * pressure_share`` (gamma_eff / N for a
-        weight gate, N = number of gated weights)."""
-        grads = []
+    @torch.no_grad()
+    def _complete_gradients(self) -> None:
+        """Turn each score's ``.grad`` (the data gradient) into the gradient of the update: averaged
+        across ranks under torch.distributed, plus the pressure ``gamma_eff * pressure_share``
+        (gamma_eff / N for a weight gate, N = number of gated weights)."""
         gamma_eff = self.scheduler.gamma_eff
         for g in self.gates:
+            if g.score.grad is None:
+                g.score.grad = torch.zeros_like(g.score)
             grad = g.score.grad
-            grad = torch.zeros_like(g.score) if grad is None else grad.detach().clone()
             if _distributed():
                 dist.all_reduce(grad)
                 grad /= dist.get_world_size()
             if gamma_eff:
                 grad += gamma_eff * g.pressure_share
-            grads.append(grad)
-        return grads
 
-    @torch.no_grad()
-    def _adam(self, grads: list[torch.Tensor], lr: float) -> None:
-        self.adam_step += 1
-        step = int(self.adam_step)
-        beta1, beta2 = ADAM_BETAS
-        correction1 = 1 - beta1 ** step
-        correction2_sqrt = (1 - beta2 ** step) ** 0.5
-        for g, grad in zip(self.gates, grads):
-            g.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-            g.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (g.exp_avg_sq.sqrt() / correction2_sqrt).add_(ADAM_EPS)
-            g.score.addcdiv_(g.exp_avg, denom, value=-lr / correction1)
+    def _adam(self, lr: float) -> None:
+        """One Adam step on the scores (no weight decay), its state kept in the gates' buffers."""
+        scores = [g.score for g in self.gates]
+        fused = all(s.device.type in ("cpu", "cuda") for s in scores) or None
+        adam = torch.optim.Adam(scores, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, fused=fused)
+        for g in self.gates:
+            adam.state[g.score] = {"step": g.adam_step, "exp_avg": g.exp_avg, "exp_avg_sq": g.exp_avg_sq}
+        adam.step()
+        adam.zero_grad(set_to_none=True)
 
     def _set_trainable(self, trainable: bool) -> None:
         for g in self.gates:
