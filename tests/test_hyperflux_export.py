@@ -117,6 +117,20 @@ def test_channel_export_of_timm_resnet18():
     assert plain.conv1.out_channels == plain.bn1.num_features == plain.get_submodule("layer1.0.conv1").in_channels
 
 
+def test_channel_export_of_a_timm_vit_removes_mlp_hidden_channels():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    wrapped = fxprune.wrap(model, x, hyperflux=HyperfluxConfig(0.5, "channel", pruning_steps=10))
+    rt = wrapped.fxprune.hyperflux
+    assert [t.key for t in rt.tensors] == ["blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"]
+    _close_randomly(rt, 0.5)
+    plain = fxprune.export(wrapped)
+    _assert_plain(plain)
+    hidden = int((rt.gates[0].score >= 0).sum())
+    assert plain.get_submodule("blocks.0.mlp.fc1").out_features == hidden < 768
+    assert torch.allclose(plain(x), wrapped(x), atol=1e-5)
+
+
 def test_hard_coded_channel_count_is_reported_and_folding_still_works():
     x = torch.randn(2, 3, 8, 8)
     gm, rt = gated(HardCodedReshape(), x, granularity="channel")

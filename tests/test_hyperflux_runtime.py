@@ -170,3 +170,32 @@ def test_wrap_step_sparsity_and_device_moves():
     assert all(g.score.is_leaf and g.score.requires_grad and g.score.dtype == torch.float32 for g in rt.gates)
     wrapped(x.double()).sum().backward()
     assert all(g.score.grad is not None for g in rt.gates)
+
+
+def test_default_filter_gates_every_conv_linear_of_a_cnn_and_attention_mlp_linears_of_a_vit():
+    from fxprune.analysis import GateTarget
+    from fxprune.hyperflux.inject import default_gate_filter
+
+    def targets(*modules):
+        return [GateTarget(f"{m}.weight", m, "linear", (2, 2), 4) for m in modules]
+
+    cnn = targets("conv1", "layer1.0.conv1", "layer1.0.downsample.0", "fc")
+    assert all(map(default_gate_filter(cnn), cnn))
+    vit = targets("patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1",
+                  "blocks.0.mlp.fc2", "head")
+    keep = default_gate_filter(vit)
+    assert [t.module for t in vit if keep(t)] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1",
+                                                  "blocks.0.mlp.fc2"]
+
+
+def test_custom_filter_and_ungateable_weights_are_reported():
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    tied[2].weight = tied[0].weight
+    gm, rt = gated(tied, torch.randn(2, 4))
+    assert [t.key for t in rt.tensors] == ["4.weight"]
+    assert rt.skipped == {"0.weight": "is shared with 2.weight (tied weights are not gated)"}
+    model = mlp((4, 6, 6, 3))
+    gm, rt = gated(model, torch.randn(2, 4), filter=lambda t: t.module != "4")
+    assert [t.key for t in rt.tensors] == ["0.weight", "2.weight"]
+    with pytest.raises(fxprune.ConfigError, match="selected none"):
+        gated(model, torch.randn(2, 4), filter=lambda t: False)
