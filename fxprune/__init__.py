@@ -8,6 +8,7 @@ from importlib import import_module as _import_module
 from .analysis import Analysis, analyze, register_rule
 from .capture import register_leaf_module
 from .errors import ConfigError, FxpruneError, ShapeError, TraceError, WrapError
+from .flops import FlopReport, flops  # eager: the function must shadow the submodule of the same name
 from .wrap import wrap
 
 __version__ = "0.1.0"
@@ -19,8 +20,6 @@ _LAZY = {
     "export": ("fxprune.hyperflux.export", "export"),
     "ExPruneConfig": ("fxprune.exprune.config", "ExPruneConfig"),
     "calibrate": ("fxprune.exprune.calibrate", "calibrate"),
-    "flops": ("fxprune.flops", "flops"),
-    "FlopReport": ("fxprune.flops", "FlopReport"),
 }
 
 
@@ -34,4 +33,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["wrap", "analyze", "Analysis", "register_rule", "register_leaf_module", "FxpruneError", "TraceError",
-           "ShapeError", "ConfigError", "WrapError", *_LAZY]
+           "ShapeError", "ConfigError", "WrapError", "flops", "FlopReport", *_LAZY]

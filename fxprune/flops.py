@@ -31,8 +31,6 @@ import io
 import json
 import math
 import re
-import sys
-import types
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -677,14 +675,3 @@ def _layers(by_module: dict[str, FlopCount]) -> dict[str, FlopCount]:
     names = [k for k, c in by_module.items() if k and (c.dense or c.effective)]
     parents = {a for k in names for a in _ancestors(k)[:-1]}
     return {k: by_module[k] for k in names if k not in parents}
-
-
-# ``fxprune.flops`` must stay callable even when ``fxprune/__init__`` resolves it lazily and some
-# code imported this submodule first (the import system then binds the package attribute
-# ``fxprune.flops`` to this module): calling the module calls :func:`flops`.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs) -> FlopReport:
-        return flops(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
