@@ -394,14 +394,20 @@ def transpose_rule(ctx: RuleContext) -> None:
         ctx.same(x[d], out[o])
 
 
-def cat_rule(ctx: RuleContext) -> None:
-    tensors = ctx.arg(0, "tensors")
-    dim = ctx.arg(1, "dim", 0)
-    out = ctx.out
+def _sequence_args(ctx: RuleContext):
+    """(tensors, dim, out axes) of cat/stack, or None after breaking everything."""
+    tensors, dim, out = ctx.arg(0, "tensors"), ctx.arg(1, "dim", 0), ctx.out
     if out is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
         ctx.break_all(f"{ctx.description}: unsupported arguments")
+        return None
+    return tensors, _norm_dim(dim, len(out)), out
+
+
+def cat_rule(ctx: RuleContext) -> None:
+    parsed = _sequence_args(ctx)
+    if parsed is None:
         return
-    dim = _norm_dim(dim, len(out))
+    tensors, dim, out = parsed
     offset = 0
     for t in tensors:
         x = ctx.axes_of(t)
@@ -417,13 +423,10 @@ def cat_rule(ctx: RuleContext) -> None:
 
 
 def stack_rule(ctx: RuleContext) -> None:
-    tensors = ctx.arg(0, "tensors")
-    dim = ctx.arg(1, "dim", 0)
-    out = ctx.out
-    if out is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
-        ctx.break_all(f"{ctx.description}: unsupported arguments")
+    parsed = _sequence_args(ctx)
+    if parsed is None:
         return
-    dim = _norm_dim(dim, len(out))
+    tensors, dim, out = parsed
     ctx.breaks(out[dim], f"{ctx.description}: stacked axis is position-specific")
     for t in tensors:
         x = ctx.axes_of(t)
