@@ -95,6 +95,27 @@ def test_needed_weight_regrows_without_pressure():
     assert rt.density() == 1.0 and losses[-1] < 1e-10 < losses[0]
 
 
+def test_closed_channel_keeps_its_flux_and_regrows_without_pressure():
+    """Channel gates mask the weights that read a channel, so a closed channel is still computed:
+    its flux (the first-order gain of reading it again) stays nonzero and it can come back."""
+    torch.manual_seed(3)
+    teacher = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+    gm, rt = gated(teacher, torch.randn(8, 4), granularity="channel", gate_lr=0.02, pruning_steps=1000,
+                   scheduler_interval=1000)
+    with torch.no_grad():
+        rt.gates[0].score[1] = -0.05
+    losses = []
+    for i in range(20):
+        xb = torch.randn(64, 4)
+        loss = F.mse_loss(gm(xb), teacher(xb).detach())
+        loss.backward()
+        if i == 0:
+            assert rt.gates[0].score.grad[1] < 0  # reading channel 1 again would lower the loss
+        rt.step()
+        losses.append(loss.item())
+    assert bool((rt.gates[0].score >= 0).all()) and losses[-1] < 1e-10 < losses[0]
+
+
 def _resume_setup():
     x, y = teacher_data()
     data = batches(x, y, 40)
@@ -199,3 +220,23 @@ def test_custom_filter_and_ungateable_weights_are_reported():
     assert [t.key for t in rt.tensors] == ["0.weight", "2.weight"]
     with pytest.raises(fxprune.ConfigError, match="selected none"):
         gated(model, torch.randn(2, 4), filter=lambda t: False)
+
+
+class _Attention(nn.Module):
+    """q @ k^T contracts a channel space that a linear also reads; an MLP follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.read = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2)
+        self.mlp = mlp((6, 16, 2))
+
+    def forward(self, x):  # x: (batch, 6 tokens, 4)
+        q = self.q(x)
+        return self.mlp(q @ self.k(x).transpose(1, 2)) + self.read(q)
+
+
+def test_channel_space_contracted_by_a_matmul_is_not_gated():
+    """Masking the linear that reads the channels would leave the matmul reading them: not exact."""
+    gm, rt = gated(_Attention(), torch.randn(2, 6, 4), granularity="channel")
+    assert [t.key for t in rt.tensors] == ["mlp.0.weight", "mlp.2.weight"]
+    assert any("matmul" in r and "without a gated weight" in r for r in rt.skipped.values())

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..analysis import Analysis, GateTarget, Space
+from ..analysis.rules import op_description
 from ..errors import ConfigError
 from .config import HyperfluxConfig
 from .gate import ChannelGate, GateScores, WeightGate
@@ -65,8 +66,8 @@ def apply_hyperflux(gm: fx.GraphModule, analysis: Analysis, config: HyperfluxCon
         raise ConfigError(f"Hyperflux found nothing it can gate with granularity='{config.granularity}' ({reasons})")
     injector.normalise_pressure()
     inputs = tuple(example_inputs) if example_inputs is not None else synthetic_inputs(gm)
-    return HyperfluxRuntime(config, injector.gates, injector.tensors, injector.plans, injector.skipped,
-                            inputs, analysis.model_name)
+    return HyperfluxRuntime(config, injector.gates, injector.tensors, injector.counters, injector.plans,
+                            injector.skipped, inputs, analysis.model_name)
 
 
 class _Injector:
@@ -85,6 +86,8 @@ class _Injector:
             self.names_of.setdefault(id(p), []).append(name)
         self.macs = {t.key: t.macs for t in analysis.gate_targets}
         self.shares: list[torch.Tensor] = []  # un-normalised pressure per gate
+        self.counters: list[ChannelGate] = []  # masks that count channel-gated tensors in the density
+        self.spaces_of_node = {node: _space_ids(node.meta.get("fxprune_spaces")) for node in gm.graph.nodes}
 
     # -- checks and costs ----------------------------------------------------------------
     def ungateable(self, key: str) -> str:
@@ -114,12 +117,13 @@ class _Injector:
         self.gates.append(gate)
         return gate
 
-    def register(self, key: str, gate: nn.Module) -> None:
+    def count(self, key: str, mask: nn.Module) -> None:
+        """Count ``key`` in the density through ``mask`` (anything with ``keep_mask()``)."""
+        self.tensors.append(GatedTensor(key, mask, self.params[key].numel(), self.element_cost(key)))
+
+    def parametrize(self, key: str, gate: nn.Module) -> None:
         path, _, name = key.rpartition(".")
         parametrize.register_parametrization(self.gm.get_submodule(path), name, gate)
-        cost = self.element_cost(key)
-        if cost:
-            self.tensors.append(GatedTensor(key, gate, self.params[key].numel(), cost))
 
     # -- weight granularity --------------------------------------------------------------
     def gate_weights(self, targets: list[GateTarget]) -> None:
@@ -131,36 +135,60 @@ class _Injector:
             weight = self.params[target.key]
             scores = self.new_scores(target.key, tuple(weight.shape), weight.device)
             self.shares.append(torch.tensor(self.element_cost(target.key)))
-            self.register(target.key, WeightGate(scores, self.config.ste_scale))
+            gate = WeightGate(scores, self.config.ste_scale)
+            self.parametrize(target.key, gate)
+            self.count(target.key, gate)
 
     # -- channel granularity -------------------------------------------------------------
     def gate_channels(self, targets: list[GateTarget]) -> None:
+        """One score vector per prunable space. A closed channel is masked in the weights that read
+        it (input axis of conv/linear), so its producers keep computing it: its flux, the first-order
+        effect of reading it again, stays informative and the channel can regrow. Export removes it
+        from every member. Density and pressure count the conv/linear weights on either axis."""
         chosen = {t.key for t in targets}
-        parts: dict[str, list[tuple[GateScores, int, torch.Tensor | None]]] = {}
+        weights = set(self.macs)
+        mask_parts: dict[str, list] = {}
+        count_parts: dict[str, list] = {}
         for space in self.analysis.spaces:
             if not any(m.key in chosen for m in space.members):
                 continue
-            label = f"space {space.id}"
-            if not space.prunable:
-                self.skipped[label] = f"not prunable: {space.reason}"
+            consumers = [m for m in space.members if m.axis == 1 and m.key in weights]
+            reason = self.channel_space_problem(space, consumers)
+            if reason:
+                self.skipped[f"space {space.id}"] = reason
                 continue
-            gated = [m for m in space.members if m.key in self.params]
-            reasons = [f"{m.key} {r}" for m in gated if (r := self.ungateable(m.key))]
-            if reasons:
-                self.skipped[label] = "; ".join(reasons)
-                continue
-            device = self.params[gated[0].key].device
-            scores = self.new_scores(label, (space.size,), device)
+            device = self.params[consumers[0].key].device
+            scores = self.new_scores(f"space {space.id}", (space.size,), device)
             self.plans.append(ChannelPlan(space.id, len(self.gates) - 1, space.size, list(space.members)))
-            self.shares.append(self.channel_costs(space, gated))
-            for m in gated:
-                index = channel_index(m.positions, self.params[m.key].shape[m.axis], space.size)
-                parts.setdefault(m.key, []).append((scores, m.axis, None if index is None else index.to(device)))
-        for key, key_parts in parts.items():
-            gate = ChannelGate(tuple(self.params[key].shape), self.config.ste_scale)
-            for scores, axis, index in key_parts:
-                gate.add_part(scores, axis, index)
-            self.register(key, gate)
+            counted = [m for m in space.members if m.key in weights]
+            self.shares.append(self.channel_costs(space, counted))
+            for members, parts in ((consumers, mask_parts), (counted, count_parts)):
+                for m in members:
+                    index = channel_index(m.positions, self.params[m.key].shape[m.axis], space.size)
+                    parts.setdefault(m.key, []).append((scores, m.axis, None if index is None else index.to(device)))
+        for key, parts in mask_parts.items():
+            self.parametrize(key, self.channel_gate(key, parts))
+        for key, parts in count_parts.items():
+            counter = self.channel_gate(key, parts)
+            self.counters.append(counter)
+            self.count(key, counter)
+
+    def channel_gate(self, key: str, parts: list) -> ChannelGate:
+        gate = ChannelGate(tuple(self.params[key].shape), self.config.ste_scale)
+        for scores, axis, index in parts:
+            gate.add_part(scores, axis, index)
+        return gate
+
+    def channel_space_problem(self, space: Space, consumers: list) -> str:
+        """Why the channels of ``space`` cannot be gated by masking ``consumers`` ("" when they can)."""
+        if not space.prunable:
+            return f"not prunable: {space.reason}"
+        if not consumers:
+            return "no conv/linear weight reads these channels"
+        reasons = [f"{m.key} {r}" for m in space.members if m.key in self.params and (r := self.ungateable(m.key))]
+        if reasons:
+            return "; ".join(reasons)
+        return outside_use(self.gm, space.id, {m.key for m in consumers}, self.spaces_of_node)
 
     def channel_costs(self, space: Space, members) -> torch.Tensor:
         """Cost each channel of ``space`` controls, summed over its gated members."""
@@ -183,6 +211,34 @@ class _Injector:
                               "use HyperfluxConfig(weight_by='params')")
         for g, share in zip(self.gates, self.shares):
             g.pressure_share = (share / total).float().to(g.score.device)
+
+
+def outside_use(gm: fx.GraphModule, space_id: int, consumer_keys: set[str], spaces_of_node: dict) -> str:
+    """"" when every value carrying the space reaches the rest of the graph only through the input
+    channels of a consumer weight; else the first node that uses it otherwise (a parameter-free
+    contraction such as a matmul), so that masking the consumers would not remove the channels."""
+    for node in gm.graph.nodes:
+        if space_id not in spaces_of_node[node]:
+            continue
+        for user in node.users:
+            if user.op == "output":
+                return f"'{node.name}' is a model output"
+            passes_on = space_id in spaces_of_node[user]
+            reads = (user.op == "call_module" and f"{user.target}.weight" in consumer_keys) or any(
+                a.op == "get_attr" and a.target in consumer_keys for a in user.all_input_nodes)
+            if not (passes_on or reads or user.meta.get("tensor_meta") is None):
+                module = gm.get_submodule(user.target) if user.op == "call_module" else None
+                return f"'{user.name}' ({op_description(user, module)}) reads the channels without a gated weight"
+    return ""
+
+
+def _space_ids(spaces) -> set[int]:
+    """Space ids in a node's ``fxprune_spaces`` (a tuple of ids per dim, nested for tuple outputs)."""
+    if spaces is None:
+        return set()
+    if isinstance(spaces, tuple):
+        return set(spaces)
+    return set().union(*map(_space_ids, spaces))
 
 
 def channel_index(positions: list, axis_size: int, space_size: int) -> torch.Tensor | None:

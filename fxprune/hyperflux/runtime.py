@@ -27,14 +27,15 @@ ADAM_EPS = 1e-8
 
 @dataclass
 class GatedTensor:
-    """A tensor masked by gates: state_dict key of the original, its parametrization, its cost.
+    """A gated conv/linear weight as the density counts it: state_dict key of the original, the
+    mask that says which elements are kept, element count and cost.
 
-    ``cost`` is what one element counts in the density: 1 (``weight_by="params"``) or the MACs
-    it takes part in for the example batch (``weight_by="macs"``; 0 for biases and norm affines).
+    ``cost`` is what one element counts: 1 (``weight_by="params"``) or the MACs it takes part in
+    for the example batch (``weight_by="macs"``).
     """
 
     key: str
-    gate: nn.Module  # WeightGate | ChannelGate
+    mask: nn.Module  # WeightGate | ChannelGate: anything with keep_mask()
     numel: int
     cost: float
 
@@ -56,18 +57,20 @@ class HyperfluxRuntime(nn.Module):
     Attributes:
         config: the HyperfluxConfig.
         gates: ModuleList of GateScores (one per gated weight, or one per gated channel space).
-        tensors: GatedTensor per masked tensor (plain list).
+        counters: ModuleList of the ChannelGate masks that count channel-gated tensors (no state).
+        tensors: GatedTensor per conv/linear weight the density counts (plain list).
         channel_plans: ChannelPlan per gated space (channel granularity; empty otherwise).
         skipped: gate targets or spaces left ungated, with the reason.
         example_inputs: inputs export verifies against (not saved in state_dict).
     """
 
     def __init__(self, config: HyperfluxConfig, gates: list[GateScores], tensors: list[GatedTensor],
-                 channel_plans: list[ChannelPlan], skipped: dict[str, str], example_inputs: tuple,
-                 model_name: str = ""):
+                 counters: list[nn.Module], channel_plans: list[ChannelPlan], skipped: dict[str, str],
+                 example_inputs: tuple, model_name: str = ""):
         super().__init__()
         self.config = config
         self.gates = nn.ModuleList(gates)
+        self.counters = nn.ModuleList(counters)
         object.__setattr__(self, "tensors", tensors)  # the gates are submodules of the model
         self.channel_plans = channel_plans
         self.skipped = skipped
@@ -181,7 +184,7 @@ class HyperfluxRuntime(nn.Module):
 
 def _kept_elements(tensor: GatedTensor) -> torch.Tensor:
     """Kept elements of a gated tensor (its mask is constant along the axes it broadcasts over)."""
-    mask = tensor.gate.keep_mask()
+    mask = tensor.mask.keep_mask()
     return mask.sum() * (tensor.numel // mask.numel())
 
 
