@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fxprune
-from fxprune.hyperflux import ExportError, HyperfluxConfig, export
+from fxprune.hyperflux import ExportError, HyperfluxConfig
+from fxprune.hyperflux.export import export
 from hyperflux_models import TinyCNN, gated, mlp, one_thread  # noqa: F401 (fixture)
 
 

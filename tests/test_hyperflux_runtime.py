@@ -30,9 +30,9 @@ def test_channel_scores_are_stored_once_per_space():
     assert rt.gates[0].score.shape == (8,)
 
 
-def _applied_gradients(rt) -> list[torch.Tensor]:
+def _applied_gradients(rt, grad_scale=None) -> list[torch.Tensor]:
     """Run one gate update and read back the gradient it applied (Adam's first moment is 0.1 * grad)."""
-    rt.step()
+    rt.step(grad_scale)
     return [g.exp_avg / (1 - 0.9) for g in rt.gates]
 
 
@@ -240,3 +240,16 @@ def test_channel_space_contracted_by_a_matmul_is_not_gated():
     gm, rt = gated(_Attention(), torch.randn(2, 6, 4), granularity="channel")
     assert [t.key for t in rt.tensors] == ["mlp.0.weight", "mlp.2.weight"]
     assert any("matmul" in r and "without a gated weight" in r for r in rt.skipped.values())
+
+
+def test_grad_scale_unscales_and_skips_non_finite_updates():
+    gm, rt = gated(mlp((4, 3, 2)), torch.randn(2, 4))
+    for g in rt.gates:
+        g.score.grad = torch.full_like(g.score, 512.0)
+    scaled = _applied_gradients(rt, grad_scale=256.0)
+    assert all(torch.allclose(grad, torch.full_like(grad, 2.0)) for grad in scaled)
+    before = [g.score.detach().clone() for g in rt.gates]
+    rt.gates[0].score.grad = torch.full_like(rt.gates[0].score, float("inf"))
+    rt.step(grad_scale=256.0)
+    assert all(torch.equal(b, g.score) for b, g in zip(before, rt.gates)) and rt.steps == 2
+

@@ -32,7 +32,10 @@ class HyperfluxConfig:
             per epoch). None: ``pruning_steps // 100`` (at least 1), i.e. 100 updates as in the paper.
         ste_scale: slope of the straight-through estimator, dL/dt = ste_scale * w * dL/dw_eff
             (0.25 = slope of the sigmoid at 0).
-        gate_lr: Adam learning rate of the gate scores (no weight decay).
+        gate_lr: Adam learning rate of the gate scores (no weight decay). Adam moves a score by
+            about gate_lr per step, so a score needs ~gate_init / gate_lr steps of steady pressure
+            to close (200-500 at the defaults): keep scheduler intervals well above that, or raise
+            gate_lr for short runs, else the density lags the trajectory and then overshoots.
         gate_init: scores start uniform in [low, high]; low >= 0 so every gate starts open.
         regrowth_lr_decay: factor applied to the gate learning rate at each scheduler interval of
             the regrowth phase (geometric decay).

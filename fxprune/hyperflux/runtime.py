@@ -81,14 +81,22 @@ class HyperfluxRuntime(nn.Module):
         self.total_cost = float(sum(t.numel * t.cost for t in tensors))
 
     # -- the user's call -----------------------------------------------------------------
-    def step(self) -> None:
-        """Call once after each optimiser step: update the gates, then advance the scheduler."""
+    def step(self, grad_scale: float | None = None) -> None:
+        """Call once after each optimiser step: update the gates, then advance the scheduler.
+
+        Args:
+            grad_scale: with ``torch.amp.GradScaler``, ``scaler.get_scale()`` read before
+                ``scaler.update()``: the score gradients are divided by it, and the gate update is
+                skipped when they are not finite (the scheduler still counts the step).
+        """
         sched = self.scheduler
         if sched.phase() == "frozen":
             self._set_trainable(False)
             return
-        self._complete_gradients()
-        self._adam(sched.gate_lr())
+        if self._complete_gradients(grad_scale):
+            self._adam(sched.gate_lr())
+        for g in self.gates:
+            g.score.grad = None
         sched.advance()
         if sched.update_due():
             density = self.density()
@@ -99,20 +107,27 @@ class HyperfluxRuntime(nn.Module):
             self._set_trainable(False)
 
     @torch.no_grad()
-    def _complete_gradients(self) -> None:
+    def _complete_gradients(self, grad_scale: float | None) -> bool:
         """Turn each score's ``.grad`` (the data gradient) into the gradient of the update: averaged
-        across ranks under torch.distributed, plus the pressure ``gamma_eff * pressure_share``
-        (gamma_eff / N for a weight gate, N = number of gated weights)."""
-        gamma_eff = self.scheduler.gamma_eff
+        across ranks under torch.distributed, unscaled by ``grad_scale``, plus the pressure
+        ``gamma_eff * pressure_share`` (gamma_eff / N for a weight gate, N = number of gated weights).
+        Returns False when ``grad_scale`` is given and a gradient is not finite."""
         for g in self.gates:
             if g.score.grad is None:
                 g.score.grad = torch.zeros_like(g.score)
-            grad = g.score.grad
             if _distributed():
-                dist.all_reduce(grad)
-                grad /= dist.get_world_size()
-            if gamma_eff:
-                grad += gamma_eff * g.pressure_share
+                dist.all_reduce(g.score.grad)
+                g.score.grad /= dist.get_world_size()
+        if grad_scale is not None:
+            for g in self.gates:
+                g.score.grad /= grad_scale
+            if not bool(torch.stack([g.score.grad.isfinite().all() for g in self.gates]).all()):
+                return False
+        gamma_eff = self.scheduler.gamma_eff
+        if gamma_eff:
+            for g in self.gates:
+                g.score.grad += gamma_eff * g.pressure_share
+        return True
 
     def _adam(self, lr: float) -> None:
         """One Adam step on the scores (no weight decay), its state kept in the gates' buffers."""
@@ -122,7 +137,6 @@ class HyperfluxRuntime(nn.Module):
         for g in self.gates:
             adam.state[g.score] = {"step": g.adam_step, "exp_avg": g.exp_avg, "exp_avg_sq": g.exp_avg_sq}
         adam.step()
-        adam.zero_grad(set_to_none=True)
 
     def _set_trainable(self, trainable: bool) -> None:
         for g in self.gates:
