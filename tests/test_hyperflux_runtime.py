@@ -174,9 +174,10 @@ def test_short_training_run_reaches_target_sparsity():
     assert (gm(x).argmax(1) == y).float().mean() > 0.9
 
 
-def test_wrap_step_sparsity_and_device_moves():
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_wrap_step_sparsity_and_device_moves(granularity):
     model, x = TinyCNN(), torch.randn(2, 3, 8, 8)
-    wrapped = fxprune.wrap(model, x, hyperflux=HyperfluxConfig(0.5, pruning_steps=10, gate_lr=0.1))
+    wrapped = fxprune.wrap(model, x, hyperflux=HyperfluxConfig(0.5, granularity, pruning_steps=10, gate_lr=0.1))
     rt = wrapped.fxprune.hyperflux
     assert not {id(g.score) for g in rt.gates} & {id(p) for p in wrapped.parameters()}
     rt.scheduler.gamma = 10.0

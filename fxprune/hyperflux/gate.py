@@ -106,7 +106,8 @@ class WeightGate(nn.Module):
 
 
 class ChannelGate(nn.Module):
-    """Parametrization: channel scores applied along one or more axes of the tensor it gates.
+    """Channel scores applied along one or more axes of a tensor: the parametrization of the weights
+    that read gated channels, and (``keep_mask``) how the density counts a channel-gated weight.
 
     Each part is (scores of a space, axis, index): ``index[p]`` is the channel of position ``p``
     along ``axis`` (``space size`` for positions outside the space, which stay open); ``index`` is
@@ -117,7 +118,7 @@ class ChannelGate(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         self.ste_scale = ste_scale
-        object.__setattr__(self, "parts", [])  # (GateScores, axis, index buffer name or None)
+        self.parts: list = []  # (GateScores, axis, index buffer name or None); the runtime owns the scores
 
     def add_part(self, scores: GateScores, axis: int, index: torch.Tensor | None) -> None:
         name = None

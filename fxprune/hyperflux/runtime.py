@@ -2,8 +2,7 @@
 
 The user calls ``step()`` once after each optimiser step. State lives in ``state_dict()``: the
 scores and their Adam state are buffers of ``gates``; the scheduler state and the history travel
-as extra state. Resuming from a saved state therefore
-continues the exact trajectory.
+as extra state, so resuming from a saved state continues the exact trajectory.
 
 Weight decay note: the user's optimiser also decays the weights of closed gates, and with them
 their flux (dL/dt = ste_scale * w * g), so weights that stay pruned long regrow less and less (the
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..analysis import Member
 from .config import HyperfluxConfig
 from .gate import GateScores
 from .scheduler import PressureScheduler
@@ -48,7 +48,7 @@ class ChannelPlan:
     space_id: int
     gate_index: int
     size: int
-    members: list
+    members: list[Member]
 
 
 class HyperfluxRuntime(nn.Module):
@@ -71,7 +71,7 @@ class HyperfluxRuntime(nn.Module):
         self.config = config
         self.gates = nn.ModuleList(gates)
         self.counters = nn.ModuleList(counters)
-        object.__setattr__(self, "tensors", tensors)  # the gates are submodules of the model
+        self.tensors = tensors
         self.channel_plans = channel_plans
         self.skipped = skipped
         self.example_inputs = example_inputs
