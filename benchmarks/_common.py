@@ -28,7 +28,7 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from fxprune.demo import machine  # noqa: E402
+from fxprune.demo import default_threads, machine  # noqa: E402
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -39,12 +39,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    "--benchmarks is given")
     p.add_argument("--benchmarks", type=Path, default=None,
                    help="markdown file whose section to replace (default: BENCHMARKS.md, not with --quick)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 2, or 1 when the machine is already busy)")
     return p
 
 
 def setup(args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.threads or default_threads()))
 
 
 def command(script: str, argv: Sequence[str] | None) -> str:
