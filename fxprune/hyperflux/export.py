@@ -51,8 +51,7 @@ def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: boo
     _fold_parametrizations(gm)
     for key, axes in removals.items():
         _slice_tensor(gm, key, axes)
-    plain = fx.GraphModule(gm, gm.graph, class_name=runtime.model_name if runtime is not None and runtime.model_name
-                           else type(source).__name__)
+    plain = fx.GraphModule(gm, gm.graph, class_name=type(source).__name__)  # the original model's class name
     leftovers = [name for name, m in plain.named_modules() if type(m).__module__.startswith("fxprune")]
     if leftovers:
         raise ExportError(f"the exported graph still calls fxprune modules: {', '.join(leftovers)}")

@@ -67,7 +67,7 @@ def apply_hyperflux(gm: fx.GraphModule, analysis: Analysis, config: HyperfluxCon
     injector.normalise_pressure()
     inputs = tuple(example_inputs) if example_inputs is not None else synthetic_inputs(gm)
     return HyperfluxRuntime(config, injector.gates, injector.tensors, injector.counters, injector.plans,
-                            injector.skipped, inputs, analysis.model_name)
+                            injector.skipped, inputs)
 
 
 class _Injector:

@@ -66,7 +66,7 @@ class HyperfluxRuntime(nn.Module):
 
     def __init__(self, config: HyperfluxConfig, gates: list[GateScores], tensors: list[GatedTensor],
                  counters: list[nn.Module], channel_plans: list[ChannelPlan], skipped: dict[str, str],
-                 example_inputs: tuple, model_name: str = ""):
+                 example_inputs: tuple):
         super().__init__()
         self.config = config
         self.gates = nn.ModuleList(gates)
@@ -75,7 +75,6 @@ class HyperfluxRuntime(nn.Module):
         self.channel_plans = channel_plans
         self.skipped = skipped
         self.example_inputs = example_inputs
-        self.model_name = model_name
         self.scheduler = PressureScheduler(config)
         self._history: list[dict] = []
         self.total_cost = float(sum(t.numel * t.cost for t in tensors))
