@@ -32,9 +32,13 @@ class Controller(nn.Module):
             )
         return self.hyperflux
 
-    def step(self) -> None:
-        """Call once after each optimiser step: updates gates and advances the pressure scheduler."""
-        self._require_hyperflux("step").step()
+    def step(self, **kwargs) -> None:
+        """Call once after each optimiser step: updates gates and advances the pressure scheduler.
+
+        Keyword arguments go to ``HyperfluxRuntime.step`` (e.g. ``grad_scale=scaler.get_scale()``
+        with ``torch.amp.GradScaler``).
+        """
+        self._require_hyperflux("step").step(**kwargs)
 
     def sparsity(self) -> float:
         """Fraction (0..1) of gated weights currently pruned by Hyperflux."""

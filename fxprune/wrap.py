@@ -86,7 +86,7 @@ def wrap(
     if hyperflux is not None:
         from .hyperflux.inject import apply_hyperflux
 
-        hyperflux_rt = apply_hyperflux(gm, analysis, hyperflux)
+        hyperflux_rt = apply_hyperflux(gm, analysis, hyperflux, example_inputs=inputs)
     gm.add_module("fxprune", Controller(analysis.detached(), hyperflux=hyperflux_rt, exprune=exprune_rt))
     gm.recompile()
 
