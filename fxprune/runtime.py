@@ -1,8 +1,11 @@
 """Runtime: the wrapped module and the controller users talk to (``model.fxprune``)."""
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import ConfigError
 
@@ -63,14 +66,40 @@ class WrappedModule(fx.GraphModule):
         return result
 
     def __reduce__(self):
-        # GraphModule unpickles as a plain GraphModule: rebuild it as a WrappedModule.
-        fn, args = super().__reduce__()[:2]
-        return (_rebuild_wrapped, (fn, args))
+        # torch refuses to pickle parametrized modules (Hyperflux gates), and GraphModule unpickles
+        # as a plain GraphModule: pickle a copy without parametrizations plus the parametrization
+        # modules, and rebuild a WrappedModule with the same gates on load.
+        plain, gates = _strip_parametrizations(self)
+        fn, args = fx.GraphModule.__reduce__(plain)[:2]
+        return (_rebuild_wrapped, (fn, args, gates))
 
 
-def _rebuild_wrapped(fn, args) -> WrappedModule:
+def _strip_parametrizations(module: nn.Module) -> tuple[nn.Module, list]:
+    """A deep copy of ``module`` with plain parameters, and [(path, tensor name, parametrizations)]."""
+    if not any(parametrize.is_parametrized(m) for m in module.modules()):
+        return module, []
+    clone = copy.deepcopy(module)
+    gates = []
+    for path, sub in clone.named_modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        for name, plist in list(sub.parametrizations.items()):
+            gates.append((path, name, list(plist)))
+            sub._parameters[name] = plist.original
+        # undo the class swap on this instance only: remove_parametrizations would edit the
+        # dynamically created class, which the original module shares
+        sub.__class__ = sub.__class__.__bases__[0]
+        del sub._modules["parametrizations"]
+    return clone, gates
+
+
+def _rebuild_wrapped(fn, args, gates=()) -> WrappedModule:
     module = fn(*args)
     module.__class__ = type("GraphModuleImpl", (WrappedModule,), {"forward": type(module).forward})
+    for path, name, plist in gates:
+        owner = module.get_submodule(path)
+        for p in plist:
+            parametrize.register_parametrization(owner, name, p, unsafe=True)
     return module
 
 

@@ -99,3 +99,36 @@ def test_compiled_model_is_unwrapped_before_capture():
 def test_empty_example_batch_is_rejected():
     with pytest.raises(fxprune.ShapeError, match="empty"):
         fxprune.wrap(small_cnn(), torch.randn(0, 3, 8, 8))
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_torch_save_of_hyperflux_model_resumes_identically(granularity):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    config = fxprune.HyperfluxConfig(target_sparsity=0.5, pruning_steps=10, scheduler_interval=1, gate_lr=0.2,
+                                     granularity=granularity)
+    wrapped = fxprune.wrap(model, x, hyperflux=config)
+
+    def train(m, steps):
+        optimiser = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(steps):
+            loss = F.cross_entropy(m(x), y)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            m.fxprune.step()
+
+    train(wrapped, 4)
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert is_wrapped(loaded) and loaded.fxprune.sparsity() == wrapped.fxprune.sparsity() > 0
+    torch.testing.assert_close(loaded(x), wrapped(x), rtol=0, atol=0)
+    train(wrapped, 3)
+    train(loaded, 3)
+    assert loaded.fxprune.sparsity() == wrapped.fxprune.sparsity()
+    torch.testing.assert_close(loaded(x), wrapped(x), rtol=0, atol=0)
