@@ -53,6 +53,7 @@ class Settings:
     regrowth_epochs: int = 1  # Hyperflux regrowth phase (pressure 0)
     prune_lr: float = 0.02
     gate_lr: float = 0.02  # the paper's 1e-3 suits 100+ epochs; a 5-epoch phase needs faster gates
+    scheduler_interval: int = 6  # steps between pressure updates: close to the gates' reaction time
     target_sparsity: float = 0.9
     k: int = 16  # ExPrune: leading input channels summed before predicting
     max_drop: float = 0.01  # ExPrune: allowed calibration-accuracy drop (fraction, 0.01 = 1 point)
@@ -63,7 +64,7 @@ class Settings:
 
 
 QUICK = dict(width=0.25, train_samples=128, batch=32, dense_epochs=1, prune_epochs=2, regrowth_epochs=0,
-             gate_lr=0.05, calib_samples=64, flops_batch=16, latency_repeats=2)
+             gate_lr=0.05, scheduler_interval=1, calib_samples=64, flops_batch=16, latency_repeats=2)
 
 
 # -- shared helpers ----------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
     steps_per_epoch = math.ceil(len(train_split) / s.batch)
     config = fxprune.HyperfluxConfig(s.target_sparsity, pruning_steps=s.prune_epochs * steps_per_epoch,
                                      regrowth_steps=s.regrowth_epochs * steps_per_epoch, gate_lr=s.gate_lr,
-                                     seed=s.seed)
+                                     scheduler_interval=s.scheduler_interval, seed=s.seed)
     dense.train()
     hyper = fxprune.wrap(dense, example, hyperflux=config)
     runtime = hyper.fxprune.hyperflux
@@ -309,7 +310,7 @@ def plot_layers(layers: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     labels = [k for k in layers[0] if k not in ("layer",)] if layers else []
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(layers) * max(len(labels), 1) / 2 + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(layers) * max(len(labels), 1) / 2 + 1.5))
     height = 0.8 / max(len(labels), 1)
     for i, label in enumerate(labels):
         ys = [j + i * height for j in range(len(layers))]
