@@ -191,7 +191,32 @@ def find_sites(gm: fx.GraphModule, builder: SpaceBuilder, spaces: list[Space]):
         else:
             node.meta["fxprune_rejected"] = reason
             rejected.append(Rejected(name, op, reason))
+    sites = _one_site_per_add(gm, sites, rejected)
     return sites, rejected, gates
+
+
+def _one_site_per_add(gm: fx.GraphModule, sites: list[Site], rejected: list[Rejected]) -> list[Site]:
+    """Two branches of a residual block may both end in the same add; only one site can own it.
+
+    The site with more MACs keeps the add (the other branch's output becomes its residual).
+    """
+    owner: dict[str, Site] = {}
+    for site in sites:
+        if site.add is not None and (site.add not in owner or site.macs > owner[site.add].macs):
+            owner[site.add] = site
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kept = []
+    for site in sites:
+        winner = owner.get(site.add) if site.add is not None else site
+        if winner is site:
+            kept.append(site)
+            continue
+        reason = f"shares its residual add '{site.add}' with site '{winner.name}' (which has more MACs)"
+        node = nodes[site.node]
+        del node.meta["fxprune_site"]
+        node.meta["fxprune_rejected"] = reason
+        rejected.append(Rejected(site.name, site.op, reason))
+    return kept
 
 
 def _match_site(node, op, key, weight, modules, builder, spaces, macs):
