@@ -44,6 +44,20 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def training_run(doc: str, argv, quick: dict, full: dict, targets_help: str) -> tuple[argparse.Namespace, dict]:
+    """Parse the options of a pruning benchmark (--quick, --targets, --no-progress, ...), set the
+    threads; return the arguments and a copy of the ``quick`` or ``full`` settings with the targets."""
+    p = parser(doc)
+    p.add_argument("--targets", nargs="+", type=float, help=targets_help)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    setup(args)
+    cfg = dict(quick if args.quick else full)
+    if args.targets:
+        cfg["targets"] = tuple(args.targets)
+    return args, cfg
+
+
 def setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, args.threads or default_threads()))
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 import _common
 import fxprune
 from fxprune.models import build
@@ -81,5 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(True)
     raise SystemExit(main())

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import math
 
-import torch
-
 import _common
 import fxprune
 from fxprune import data as datasets
@@ -27,7 +25,8 @@ FULL = dict(width=0.5, train_samples=0, dense_epochs=6, epochs=4, targets=(0.5, 
 QUICK = dict(width=0.25, train_samples=128, dense_epochs=1, epochs=1, targets=(0.5,), repeats=3)
 BATCH = 64
 LR = 0.02
-GATE_LR = 0.02
+GATE_LR = 0.005
+GATE_INIT = (0.0, 0.05)  # channel gates react within a few steps: the short schedule overshoots less
 SCHEDULER_INTERVAL = 6  # steps between pressure updates (a third of an epoch)
 
 
@@ -35,7 +34,7 @@ def prune_channels(dense, data, split, target: float, epochs: int, progress: boo
     """Wrap with channel gates, fine-tune ``epochs`` epochs, export; (exported model, MACs fraction pruned)."""
     steps = epochs * math.ceil(len(split) / BATCH)
     config = fxprune.HyperfluxConfig(target, granularity="channel", weight_by="macs", pruning_steps=steps,
-                                     gate_lr=GATE_LR,
+                                     gate_lr=GATE_LR, gate_init=GATE_INIT,
                                      scheduler_interval=min(SCHEDULER_INTERVAL, steps))
     model = fxprune.wrap(copy.deepcopy(dense).train(), data.test.x[:8], hyperflux=config)
     train(model, split, epochs, lr=LR, batch=BATCH, schedule="cosine", seed=1,
@@ -51,14 +50,7 @@ def describe(name: str, model, data, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = _common.parser(__doc__)
-    p.add_argument("--targets", nargs="+", type=float, help="fractions of gated MACs to prune (default 0.5 0.75)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    _common.setup(args)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.targets:
-        cfg["targets"] = tuple(args.targets)
+    args, cfg = _common.training_run(__doc__, argv, QUICK, FULL, "fractions of gated MACs to prune (default 0.5 0.75)")
     data = datasets.load("digits")
     split = data.train.head(cfg["train_samples"]) if cfg["train_samples"] else data.train
     dense = _common.dense_model(data, split, cfg["width"], cfg["dense_epochs"], progress=not args.no_progress)
@@ -74,7 +66,8 @@ def main(argv=None) -> int:
               f"b1 {1e3 * r['b1']:.2f} ms  b64 {1e3 * r['b64']:.1f} ms", flush=True)
     body = [f"timm resnet18 (stage widths x{cfg['width']}) on scikit-learn digits 3x32x32; dense checkpoint as in "
             f"'Hyperflux vs magnitude pruning'; {cfg['epochs']} epochs of fine-tuning with channel gates (gate lr "
-            f"{GATE_LR}, pressure update every {SCHEDULER_INTERVAL} steps, SGD lr {LR} cosine), then "
+            f"{GATE_LR}, scores initialised in {list(GATE_INIT)}, pressure update every {SCHEDULER_INTERVAL} steps, "
+            f"SGD lr {LR} cosine), then "
             f"`fxprune.export` (closed channels removed). MACs per image; "
             f"latency = median eager CPU forward (batch 1: {cfg['repeats']} calls, batch {BATCH}: "
             f"{max(3, cfg['repeats'] // 3)} calls).",

@@ -143,14 +143,7 @@ def step_times(dense: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, r
 
 
 def main(argv=None) -> int:
-    p = _common.parser(__doc__)
-    p.add_argument("--targets", nargs="+", type=float, help="sparsity fractions (default 0.9 0.95 0.98)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    _common.setup(args)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.targets:
-        cfg["targets"] = tuple(args.targets)
+    args, cfg = _common.training_run(__doc__, argv, QUICK, FULL, "sparsity fractions (default 0.9 0.95 0.98)")
     progress = not args.no_progress
     data = datasets.load("digits")
     split = data.train.head(cfg["train_samples"]) if cfg["train_samples"] else data.train

@@ -4,7 +4,8 @@
   the scikit-learn package), upsampled to ``size`` x ``size`` (bilinear) and repeated to
   ``channels`` channels. The base images are split once (fixed seed) into train / calibration /
   test, so test images are digits neither training nor calibration saw.
-- ``synthetic``: a fallback with the same shapes: 10 random smooth class prototypes plus noise. Learnable, but says nothing about real accuracy.
+- ``synthetic``: a fallback with the same shapes: 10 random smooth class prototypes plus noise.
+  Learnable, but says nothing about real accuracy.
 
 Pixel values are standardised (mean 0, std 1 over the training split). ``augment`` applies random
 small rotations, scalings, shifts and noise (a fresh draw per call) for training.

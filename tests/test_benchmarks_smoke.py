@@ -20,7 +20,8 @@ def _script(name: str):
 def test_write_section_replaces_only_its_own_section(tmp_path):
     common = _script("_common")
     path = tmp_path / "B.md"
-    path.write_text("# Benchmarks\n\n## ExPrune trade-off\n\nold exprune\n\n## Analysis time\n\nold\n\n## timm coverage\n\nx\n")
+    path.write_text("# Benchmarks\n\n## ExPrune trade-off\n\nold exprune\n\n## Analysis time\n\nold\n\n"
+                    "## timm coverage\n\nx\n")
     common.write_section(common.section("## Analysis time", "cmd --a", ["new row"]), path)
     text = path.read_text()
     assert "old exprune" in text and "## timm coverage\n\nx" in text and "\nold\n" not in text
