@@ -11,19 +11,14 @@ smallest input size it accepts, trying 64x64 first):
 
 A model passes when every step does; a family passes when all its models do.
 
-    python benchmarks/timm_coverage.py            # every model below, table to stdout
-    python benchmarks/timm_coverage.py --quick    # a handful (< 60 s)
-    python benchmarks/timm_coverage.py --write    # also replace "## timm coverage" in BENCHMARKS.md
+    .venv/bin/python benchmarks/timm_coverage.py           # every model below, updates BENCHMARKS.md
+    .venv/bin/python benchmarks/timm_coverage.py --quick   # a handful (< 60 s), prints only
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
+import copy
 import json
-import math
-import os
-import platform
 import re
 import signal
 import sys
@@ -34,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import _common
+
+sys.path.insert(0, str(_common.ROOT / "tests"))
 
 import timm  # noqa: E402
 from timm.models._registry import _model_to_module  # noqa: E402  (model name -> family module)
@@ -101,6 +97,7 @@ class Result:
     enp_sites: int = 0
     head_sites: int = 0
     unknown_ops: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -148,19 +145,41 @@ def _flat(v):
     return []
 
 
-def same_outputs(a, b) -> str:
-    """"" when close (fp32, relative to the output's scale), else a short description."""
+def same_outputs(a, b, tol: float = 1e-4) -> str:
+    """"" when every element agrees within ``tol`` x the output's scale, else a short description.
+
+    fp32 rounding of a deep random network is ~1e-5 of its output scale (measured against float64),
+    and any change of summation order (ExPrune splits each reduction at k) shows it.
+    """
     ta, tb = _flat(a), _flat(b)
     if len(ta) != len(tb):
         return f"{len(ta)} vs {len(tb)} output tensors"
     for x, y in zip(ta, tb):
         if x.shape != y.shape:
             return f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
-        scale = max(float(x.abs().max()), 1.0)
+        scale = max(float(x.abs().max()), 1e-12)
         err = float((x - y).abs().max())
-        if not err <= 1e-4 * scale:
+        if not err <= tol * scale:
             return f"max abs diff {err:.3g} (output scale {scale:.3g})"
     return ""
+
+
+def wrapped_outputs(model, x, kwargs: dict):
+    wrapped = fxprune.wrap(model, x, check=False, **kwargs)
+    wrapped.eval()
+    with torch.no_grad():
+        return wrapped(x)
+
+
+def confirm_in_fp64(model, x, kwargs: dict) -> bool:
+    """Whether the wrapped model matches the original in float64 (fp32 mismatch = rounding only)."""
+    try:
+        md, xd = copy.deepcopy(model).double(), x.double()
+        with torch.no_grad():
+            ref = md(xd)
+        return not same_outputs(ref, wrapped_outputs(md, xd, kwargs), tol=1e-9)
+    except Exception:
+        return False
 
 
 def build(name: str, pinned: int | None, seed: int = 0):
@@ -176,7 +195,7 @@ def build(name: str, pinned: int | None, seed: int = 0):
             x = torch.randn(2, 3, size, size)
             with torch.no_grad():
                 model(x)
-            randomize_(model, seed)
+            randomize_(model, seed, (x,))  # non-degenerate weights, BatchNorm statistics of x
             return model, x
         except Exception as exc:  # the model rejects this size: try the next
             errors.append(f"{size}: {type(exc).__name__}")
@@ -206,7 +225,7 @@ def check(name: str, pinned: int | None = None, timeout: int = 300) -> Result:
                     raise StageError("capture", f"captured graph differs from the model: {diff}")
             with stage("permutation"):
                 spaces = [s for s in a.exchangeable_spaces if s.size > 1]
-                broken = find_broken_spaces(model, (x,), spaces, reference=ref)
+                broken = find_broken_spaces(model, (x,), spaces, reference=ref, atol=1e-4)
                 if broken:
                     s, msg = broken[0]
                     members = ", ".join(f"{m.key}[{m.axis}]" for m in s.members[:3])
@@ -216,13 +235,18 @@ def check(name: str, pinned: int | None = None, timeout: int = 300) -> Result:
             del a
             for label, kwargs in wrap_settings():
                 with stage(label):
-                    wrapped = fxprune.wrap(model, x, **kwargs)
-                    wrapped.eval()
-                    with torch.no_grad():
-                        diff = same_outputs(ref, wrapped(x))
-                    if diff:
+                    try:
+                        out = wrapped_outputs(model, x, kwargs)
+                    except fxprune.ConfigError as exc:
+                        if "found nothing it can gate" not in str(exc):
+                            raise
+                        r.notes.append(f"{label}: nothing to gate")
+                        continue
+                    diff = same_outputs(ref, out)
+                    if diff and not confirm_in_fp64(model, x, kwargs):
                         raise StageError(label, f"wrapped output differs: {diff}")
-                    del wrapped
+                    if diff:
+                        r.notes.append(f"{label}: fp32 rounding {diff} (exact in float64)")
         r.passed = True
     except StageError as exc:
         r.stage, r.reason = exc.stage, exc.reason
@@ -270,48 +294,32 @@ def summary(results: list[Result]) -> list[str]:
 
 
 def table(results: list[Result]) -> list[str]:
-    rows = ["| model | family | kind | input | pass | spaces (exch / prunable) | ENP + head sites | ops with no rule | failure |",
+    rows = ["| model | family | kind | input | pass | spaces (exch / prunable) | ENP + head sites | ops with no rule | failure / notes |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         unknown = "; ".join(r.unknown_ops[:3]) + (f" (+{len(r.unknown_ops) - 3})" if len(r.unknown_ops) > 3 else "")
-        fail = f"{r.stage}: {r.reason}".replace("|", "/") if not r.passed else ""
+        fail = f"{r.stage}: {r.reason}".replace("|", "/") if not r.passed else "; ".join(r.notes)
         rows.append(f"| {r.model} | {r.family} | {r.kind} | {r.input_size or '-'} | {'yes' if r.passed else '**no**'} | "
                     f"{r.spaces} ({r.exchangeable} / {r.prunable}) | {r.enp_sites} + {r.head_sites} | "
                     f"{unknown.replace('|', '/')} | {fail} |")
     return rows
 
 
-def report(results: list[Result], command: str, seconds: float) -> str:
-    machine = f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
-              f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}"
-    head = ["## timm coverage", "",
-            f"Date {datetime.date.today().isoformat()}; machine: {machine}; command: `{command}`; "
-            f"total {seconds / 60:.1f} min.",
-            "Checks per model: capture reproduces the outputs; permuting every exchangeable space leaves the "
-            "outputs unchanged and no such space carries an input/output; safe ExPrune and all-open Hyperflux "
-            "(weight and channel granularity) wraps reproduce the outputs. A family passes when all its models pass.",
-            ""]
-    return "\n".join(head + summary(results) + [""] + table(results)) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the '## timm coverage' section of ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## timm coverage\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+HEADING = "## timm coverage"
+CHECKS = ("Checks per model (pretrained=False, eval, batch 2, smallest input of 64/96/128 it accepts): the captured "
+          "graph reproduces the outputs; permuting every exchangeable space leaves the outputs unchanged and no such "
+          "space carries an input/output; safe ExPrune and all-open Hyperflux (weight and channel granularity) wraps "
+          "reproduce the outputs (within 1e-4 of the output scale in fp32; a larger fp32 difference passes only if "
+          "float64 agrees to 1e-9, noted in the table). A family passes when all its models pass.")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a handful of models (< 60 s)")
+    p = _common.parser(__doc__)
     p.add_argument("--models", help="comma-separated model names (name or name:size)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per model")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the results as JSON here")
-    p.add_argument("--write", action="store_true", help="replace '## timm coverage' in BENCHMARKS.md")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    _common.setup(args)
     specs = args.models.split(",") if args.models else (QUICK if args.quick else MODELS)
     results, t0 = [], time.perf_counter()
     for spec in specs:
@@ -321,14 +329,12 @@ def main(argv=None) -> int:
         status = "ok " if r.passed else f"FAIL {r.stage}: {r.reason}"
         print(f"{r.model:<36} {r.seconds:6.1f}s  spaces {r.spaces:4d} exch {r.exchangeable:4d} "
               f"sites {r.enp_sites:3d}+{r.head_sites}  {status}", flush=True)
-    seconds = time.perf_counter() - t0
-    command = "python benchmarks/timm_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, command.strip(), seconds)
-    print("\n".join(summary(results)))
+    minutes = (time.perf_counter() - t0) / 60
+    body = [CHECKS, "", *summary(results), f"- total time {minutes:.1f} min", "", *table(results)]
+    text = _common.section(HEADING, _common.command("timm_coverage.py", argv), body, _common.load_note())
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
-    if args.write:
-        write_section(ROOT / "BENCHMARKS.md", text)
+    _common.finish(args, text)
     return 0 if all(r.passed for r in results) else 1
 
 

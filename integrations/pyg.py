@@ -11,14 +11,16 @@ their output axis and bias. Aggregations used here (add, mean, max, min) act per
 features stay exchangeable. MLPs inside a layer (GINConv, EdgeConv) are followed layer by layer;
 their hidden features become spaces of their own (tensors named ``<node>.<submodule>``).
 
-ExPrune sites inside GCNConv / SAGEConv / GraphConv are in :mod:`fxprune.integrations.pyg_exprune`.
+ExPrune sites inside GCNConv / SAGEConv / GraphConv are in :mod:`fxprune.integrations.pyg_exprune`;
+``wrap`` is ``fxprune.wrap`` plus those sites and the Hyperflux gate targets inside the layers.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 from torch_geometric.nn import EdgeConv, GATConv, GCNConv, GINConv, GraphConv, MessagePassing, SAGEConv
 from torch_geometric.nn import norm as pyg_norm
@@ -27,9 +29,11 @@ from torch_geometric.nn.models import MLP
 from torch_geometric.utils._trim_to_layer import TrimToLayer
 
 from fxprune.analysis.rules import MODULE_RULES, RuleContext, first_arg_identity, register_rule
+from fxprune.analysis.sites import GateTarget
 from fxprune.capture import LeafPolicy, register_capture_hook
 
-__all__ = ["leaf_policy", "compile_options", "uses_pyg", "PER_FEATURE_AGGREGATIONS"]
+__all__ = ["leaf_policy", "compile_options", "uses_pyg", "gate_targets", "extend_analysis", "wrap", "apply_exprune",
+           "PER_FEATURE_AGGREGATIONS"]
 
 PER_FEATURE_AGGREGATIONS = ("add", "sum", "mean", "max", "min")
 _NORM_LEAVES = (pyg_norm.BatchNorm, pyg_norm.LayerNorm, pyg_norm.InstanceNorm, pyg_norm.GraphNorm)
@@ -73,12 +77,11 @@ def _hidden_axis(ctx: RuleContext, size: int, label: str) -> int:
     return ctx._b.table.new_axis(size, ("node", f"{ctx.node.name}.{label}", 1))
 
 
-def _break_graph_axes(ctx: RuleContext, x: list[int] | None, out: list[int] | None, skip: Sequence = ()) -> None:
+def _break_graph_axes(ctx: RuleContext, x: list[int], out: list[int]) -> None:
     """Nodes are mixed by the graph; edge tensors (edge_index, edge weights/attributes) are position-specific."""
-    reason = f"{ctx.description}: message passing mixes the nodes"
-    ctx.breaks([a[0] for a in (x, out) if a], reason)
+    ctx.breaks([x[0], out[0]], f"{ctx.description}: message passing mixes the nodes")
     for axes in ctx.tensor_args():
-        if axes is not x and axes not in skip:
+        if axes is not x:
             ctx.breaks(axes, f"{ctx.description}: graph structure (edge_index / edge features) is position-specific")
 
 
@@ -91,11 +94,13 @@ def _features(ctx: RuleContext) -> tuple[list[int] | None, list[int] | None]:
     return x, out
 
 
-def _aggregation_ok(ctx: RuleContext, conv: MessagePassing, out: list[int]) -> bool:
+def _aggregation_ok(ctx: RuleContext, conv: MessagePassing, x: list[int], out: list[int]) -> bool:
+    """Aggregations other than add/mean/max/min (LSTM, attention, multi...) may mix features: break."""
     aggr = conv.aggr
     if isinstance(aggr, str) and aggr in PER_FEATURE_AGGREGATIONS:
         return True
-    ctx.breaks(out[-1], f"{ctx.description}: aggregation {aggr!r} is not known to act per feature")
+    name = type(conv.aggr_module).__name__ if isinstance(getattr(conv, "aggr_module", None), nn.Module) else repr(aggr)
+    ctx.breaks([x[-1], out[-1]], f"{ctx.description}: aggregation {name} is not known to act per feature")
     return False
 
 
@@ -206,7 +211,7 @@ def gcn_conv_rule(ctx: RuleContext) -> None:
     b = ctx.param("bias")
     if b is not None:
         ctx.same(out[-1], b[0])
-    _aggregation_ok(ctx, ctx.module, out)
+    _aggregation_ok(ctx, ctx.module, x, out)
 
 
 def _aggregate_plus_root(ctx: RuleContext, rel: str, root: str | None) -> None:
@@ -216,11 +221,7 @@ def _aggregate_plus_root(ctx: RuleContext, rel: str, root: str | None) -> None:
         return
     _break_graph_axes(ctx, x, out)
     m = ctx.module
-    if isinstance(getattr(m, "aggr_module", None), nn.Module) and not isinstance(m.aggr, str):
-        ctx.breaks([x[-1], out[-1]], f"{ctx.description}: aggregation module {type(m.aggr_module).__name__} "
-                                     f"is not known to act per feature")
-    else:
-        _aggregation_ok(ctx, m, out)
+    _aggregation_ok(ctx, m, x, out)
     src = x[-1]
     if getattr(m, "project", False):  # SAGEConv(project=True): x_j -> relu(lin(x_j)) before aggregating
         src = _hidden_axis(ctx, ctx.size(ctx.param("lin.weight")[0]), "lin")
@@ -246,7 +247,7 @@ def gin_conv_rule(ctx: RuleContext) -> None:
     if x is None:
         return
     _break_graph_axes(ctx, x, out)
-    _aggregation_ok(ctx, ctx.module, out)
+    _aggregation_ok(ctx, ctx.module, x, out)
     last = _mlp(ctx, "nn", ctx.module.nn, x[-1])
     if last is None:
         ctx.breaks([x[-1], out[-1]], f"{ctx.description}: its nn ({type(ctx.module.nn).__name__}) has a layer "
@@ -261,7 +262,7 @@ def edge_conv_rule(ctx: RuleContext) -> None:
     if x is None:
         return
     _break_graph_axes(ctx, x, out)
-    _aggregation_ok(ctx, ctx.module, out)
+    _aggregation_ok(ctx, ctx.module, x, out)
     c = ctx.size(x[-1])
 
     def first_link(ctx: RuleContext, w_in: int) -> None:
@@ -288,7 +289,8 @@ def gat_conv_rule(ctx: RuleContext) -> None:
     if x is None:
         return
     m = ctx.module
-    _break_graph_axes(ctx, x, out, skip=())
+    _break_graph_axes(ctx, x, out)
+    _aggregation_ok(ctx, m, x, out)
     heads, per_head = m.heads, m.out_channels
     rows = np.arange(heads * per_head)
     channel = rows % per_head
@@ -357,3 +359,124 @@ register_rule(GATConv, gat_conv_rule)
 register_rule(pyg_norm.BatchNorm, norm_rule)
 register_rule(pyg_norm.LayerNorm, norm_rule)
 register_rule(TrimToLayer, trim_to_layer_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate targets, analysis extension and wrap
+# ---------------------------------------------------------------------------------------------
+
+def gate_targets(gm: fx.GraphModule) -> list[GateTarget]:
+    """Hyperflux gate targets inside the message passing layers of a captured graph: the weight of
+    every Linear (PyG or torch) under a MessagePassing leaf. MACs for the example call: rows =
+    nodes, or edges for MLPs applied per edge (EdgeConv) and edge projections (``lin_edge``)."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    targets, seen = [], set()
+    for node in gm.graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, MessagePassing) or node.meta.get("tensor_meta") is None:
+            continue
+        nodes = node.meta["tensor_meta"].shape[0]
+        edge_index = node.args[1] if len(node.args) > 1 else node.kwargs.get("edge_index")
+        em = edge_index.meta.get("tensor_meta") if isinstance(edge_index, fx.Node) else None
+        edges = em.shape[-1] if em is not None and hasattr(em, "shape") else nodes
+        for name, sub in conv.named_modules():
+            weight = getattr(sub, "weight", None)
+            if not isinstance(sub, (nn.Linear, PygLinear)) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            key = f"{node.target}.{name}.weight"
+            if key in seen:
+                continue
+            seen.add(key)
+            per_edge = isinstance(conv, EdgeConv) or name.startswith("lin_edge")
+            rows = edges if per_edge else nodes
+            targets.append(GateTarget(key, f"{node.target}.{name}", "linear", tuple(weight.shape), rows * weight.numel()))
+    return targets
+
+
+def extend_analysis(analysis, gm: fx.GraphModule | None = None):
+    """Add the PyG gate targets and ExPrune sites of ``gm`` (default ``analysis.graph_module``) to
+    ``analysis`` in place; returns it."""
+    from .pyg_exprune import find_sites
+
+    gm = gm if gm is not None else analysis.graph_module
+    known = {t.key for t in analysis.gate_targets}
+    analysis.gate_targets = list(analysis.gate_targets) + [t for t in gate_targets(gm) if t.key not in known]
+    sites, rejected = find_sites(gm, analysis.spaces)
+    names = {s.name for s in sites}
+    analysis.sites = [s for s in analysis.sites if s.name not in names] + sites
+    analysis.rejected = list(analysis.rejected) + rejected
+    return analysis
+
+
+def wrap(model: nn.Module, example_inputs: Any, *, hyperflux=None, exprune=None, compile: bool | dict = False,
+         leaf_modules: Sequence[type] = (), check: bool = True) -> nn.Module:
+    """:func:`fxprune.wrap` for PyG models: also gates the linear layers inside message passing
+    layers (Hyperflux) and puts ExPrune ops on GCNConv / SAGEConv / GraphConv -> ReLU sites.
+
+    Same arguments and result as ``fxprune.wrap``; ``compile=True`` uses :func:`compile_options`.
+    With ``check``, the wrapped model (nothing pruned, all gates open) must reproduce the original
+    outputs on ``example_inputs`` (WrapError otherwise).
+    """
+    from fxprune import wrap as core_wrap
+    from fxprune.capture import normalize_inputs
+    from fxprune.hyperflux.inject import apply_hyperflux
+
+    from .pyg_exprune import apply_exprune
+
+    inputs = normalize_inputs(example_inputs)
+    layers = {name for name, m in model.named_modules() if isinstance(m, MessagePassing)}
+    core_config = _without(exprune, layers) if exprune is not None else None
+    gm = core_wrap(model, inputs, exprune=core_config, leaf_modules=leaf_modules, check=check)
+    controller = gm.fxprune
+    extend_analysis(controller.analysis, gm)
+    if exprune is not None:
+        apply_exprune(gm, exprune)
+    if hyperflux is not None:
+        controller.hyperflux = apply_hyperflux(gm, controller.analysis, hyperflux, inputs)
+    if check:
+        _check_unpruned(model, gm, inputs)
+    if compile:
+        options = {**compile_options(model), **(compile if isinstance(compile, dict) else {})}
+        return torch.compile(gm, **options)
+    return gm
+
+
+def _without(config, names: set[str]):
+    """A copy of an ExPruneConfig whose per-site entries leave out ``names`` (sites the core pass does not know)."""
+    import dataclasses
+
+    def drop(value):
+        return {k: v for k, v in value.items() if k not in names} if isinstance(value, dict) else value
+
+    sites = None if config.sites is None else [s for s in config.sites if s not in names]
+    return dataclasses.replace(config, threshold=drop(config.threshold), alpha=drop(config.alpha), sites=sites)
+
+
+def _check_unpruned(model: nn.Module, gm: nn.Module, inputs: tuple) -> None:
+    import copy
+    from contextlib import nullcontext
+
+    from fxprune.errors import WrapError
+
+    reference = copy.deepcopy(model).eval()
+    runtime = gm.fxprune.exprune
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad(), (runtime.safe_settings() if runtime is not None else nullcontext()):
+            expected, got = reference(*inputs), gm(*inputs)
+    finally:
+        gm.train(was_training)
+        if runtime is not None:
+            runtime.reset_stats()
+    scale = max(float(expected.abs().max()), 1.0)
+    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * scale):
+        raise WrapError(f"internal check failed: with nothing pruned, the wrapped {type(model).__name__} differs from "
+                        f"the original (max abs diff {float((expected - got).abs().max()):.3g}); please report it")
+
+
+def apply_exprune(model: nn.Module, config) -> Any:
+    """Put ExPrune ops on the PyG sites of a model made by ``fxprune.wrap`` (see ``pyg_exprune``)."""
+    from .pyg_exprune import apply_exprune as _apply
+
+    return _apply(model, config)

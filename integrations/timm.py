@@ -13,6 +13,7 @@ the Fourier position encodings link their boundary channels to the parameters th
 """
 from __future__ import annotations
 
+import difflib
 from importlib import import_module
 from typing import Any
 
@@ -184,7 +185,7 @@ def create_model(name: str, fxprune: dict | None = None, example_inputs: Any = N
     if "example_inputs" in options:
         raise ConfigError("create_model: pass example_inputs= as its own argument, not inside fxprune=")
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise ConfigError(f"'{name}' is not a timm model name" + (f"; did you mean one of {close}?" if close else
                                                                  "; see timm.list_models()"))
     model = timm.create_model(name, **timm_kwargs)

@@ -1,0 +1,391 @@
+"""ExPrune inside PyG message passing layers: site matching, the op, injection and its inverse.
+
+GCNConv, SAGEConv and GraphConv compute, per node i and output feature o,
+
+    out_io = sum_c W_oc (A x)_ic [+ sum_c R_oc x_ic] + b_o
+
+with A a per-feature aggregation (GCN: normalized adjacency with self loops; SAGE: mean; GraphConv:
+add). The term of input feature c, xi_c = W_oc (A x)_ic [+ R_oc x_ic], is built the same way from
+exchangeable parameters, so the terms are exchangeable: the op aggregates first, then makes the
+ExPrune prediction on the linear part, with exactly the semantics (and fold of bias and BatchNorm)
+of :class:`fxprune.exprune.ops.ENPOp` for a linear site with n = in_channels.
+
+A site is a conv -> [Identity/Dropout]* -> [BatchNorm (eval)] -> [Identity/Dropout]* -> ReLU chain
+whose conv reduces over one exchangeable space, called on a 2-D feature tensor and a plain
+``edge_index`` tensor (not SparseTensor).
+
+Use: ``model = fxprune.wrap(gnn, (x, edge_index))`` then
+``fxprune.integrations.pyg.apply_exprune(model, fxprune.ExPruneConfig(...))``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import GCNConv, GraphConv, SAGEConv
+from torch_geometric.nn import norm as pyg_norm
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
+from fxprune.errors import ConfigError, WrapError
+from fxprune.exprune.config import ExPruneConfig
+from fxprune.exprune.inject import ChainNode, _Ref
+from fxprune.exprune.ops import ENPOp
+from fxprune.exprune.runtime import ExPruneRuntime
+
+__all__ = ["MessagePassingENPOp", "find_sites", "apply_exprune", "strip_exprune", "LAYERS"]
+
+OP_ATTR = "exprune"
+# layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
+LAYERS: dict[type, tuple[str, str | None, str, str]] = {
+    GCNConv: ("lin", None, "", "bias"),
+    SAGEConv: ("lin_l", "lin_r", "lin_l", "bias"),
+    GraphConv: ("lin_rel", "lin_root", "lin_rel", "bias"),
+}
+
+
+def _layer(module: nn.Module) -> tuple | None:
+    for cls in type(module).__mro__:
+        if cls in LAYERS:
+            return LAYERS[cls]
+    return None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------
+
+class MessagePassingENPOp(ENPOp):
+    """ENP for GCNConv / SAGEConv / GraphConv -> [BN] -> ReLU: aggregate, then the linear ENP.
+
+    Called as ``op(x, edge_index=..., edge_weight=..., weight=..., root_weight=..., bias=...,
+    running_mean=..., running_var=..., bn_weight=..., bn_bias=...)`` (absent tensors None); the
+    tensors are read from the layer's modules at run time (a Hyperflux parametrization applies).
+    MACs: the linear work only (K = 2 when a root weight exists); the aggregation is not counted.
+    """
+
+    def __init__(self, site: str, conv: nn.Module, rule: str, k: int, n: int, *, eps: float | None = None, **knobs):
+        super().__init__(site, "linear", rule, k, n, eps=eps, **knobs)
+        object.__setattr__(self, "conv", conv)  # a plain reference: the op is registered under the conv
+        self.layer = type(conv).__name__
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, layer={self.layer}, rule={self.rule}, k={self.k}, n={self.n}"
+
+    def aggregate(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """The layer's aggregation applied to the raw features (what its linear part reads)."""
+        conv = self.conv
+        if isinstance(conv, GCNConv):
+            if conv.normalize:
+                cache = conv._cached_edge_index
+                if cache is None:
+                    edge_index, edge_weight = gcn_norm(edge_index, edge_weight, x.size(conv.node_dim), conv.improved,
+                                                       conv.add_self_loops, conv.flow, x.dtype)
+                    if conv.cached:
+                        conv._cached_edge_index = (edge_index, edge_weight)
+                else:
+                    edge_index, edge_weight = cache
+            return conv.propagate(edge_index, x=x, edge_weight=edge_weight)
+        if isinstance(conv, GraphConv):
+            return conv.propagate(edge_index, x=(x, x), edge_weight=edge_weight, size=None)
+        return conv.propagate(edge_index, x=(x, x), size=None)
+
+    def forward(self, x: Tensor, edge_index: Tensor | None = None, edge_weight: Tensor | None = None, *,
+                weight: Tensor, root_weight: Tensor | None = None, bias: Tensor | None = None,
+                running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                bn_weight: Tensor | None = None, bn_bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        self._check_eval()
+        k = self.k
+        agg = self.aggregate(x, edge_index, edge_weight)
+        s_k = F.linear(agg[:, :k], weight[:, :k])
+        rest = F.linear(agg[:, k:], weight[:, k:])
+        q_k = F.linear(agg[:, :k] ** 2, weight[:, :k] ** 2) if self.rule == "ztest" else None
+        if root_weight is not None:
+            s_k = s_k + F.linear(x[:, :k], root_weight[:, :k])
+            rest = rest + F.linear(x[:, k:], root_weight[:, k:])
+            if q_k is not None:  # (a + b)^2 = a^2 + b^2 + 2ab, per term
+                q_k = (q_k + F.linear(x[:, :k] ** 2, root_weight[:, :k] ** 2)
+                       + 2 * F.linear(agg[:, :k] * x[:, :k], weight[:, :k] * root_weight[:, :k]))
+        pre = s_k + rest
+        if bias is not None:
+            pre = pre + bias
+        if running_mean is not None:
+            pre = F.batch_norm(pre, running_mean, running_var, bn_weight, bn_bias, False, 0.0, self.eps)
+        full = torch.relu(pre)
+
+        stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, None)
+        predicted = stat < self.cutoff()
+        out = full.masked_fill(predicted, 0.0)
+
+        terms = weight if root_weight is None else torch.stack((weight, root_weight), dim=-1)
+        overhead = 1 if self.rule == "threshold" else k + 3
+        self._count(terms, out.shape[0], (~predicted).sum(0), out.numel(), predicted.sum(), overhead)
+        if self.probe is not None:
+            if not out.requires_grad:  # calibrate() differentiates the loss w.r.t. this output
+                out.requires_grad_()
+            nnz_r = (terms[:, k:] != 0).flatten(1).sum(1)
+            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), save=nnz_r.expand_as(out),
+                              overhead=overhead)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Site matching
+# ---------------------------------------------------------------------------------------------
+
+def _shape(node: Any) -> tuple | None:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def _call_inputs(node: fx.Node, conv: nn.Module) -> dict | str:
+    """x, edge_index, edge_weight of a layer call, or the reason the call is not supported."""
+    names = ("x", "edge_index", "edge_weight" if not isinstance(conv, SAGEConv) else "size", "size")
+    given = dict(zip(names, node.args))
+    given.update(node.kwargs)
+    x, edge_index = given.get("x"), given.get("edge_index")
+    if _shape(x) is None or len(_shape(x)) != 2:
+        return "node features are not one 2-D tensor (bipartite or tuple inputs are not supported)"
+    tm = edge_index.meta.get("tensor_meta") if isinstance(edge_index, fx.Node) else None
+    if tm is None or getattr(tm, "dtype", None) != torch.long or len(tm.shape) != 2:
+        return "edge_index is not a (2, E) integer tensor (SparseTensor adjacency is not supported)"
+    if given.get("size") is not None:
+        return "called with an explicit size"
+    unknown = set(given) - {"x", "edge_index", "edge_weight", "size"}
+    if unknown:
+        return f"called with unsupported arguments {sorted(unknown)}"
+    return {"x": x, "edge_index": edge_index, "edge_weight": given.get("edge_weight")}
+
+
+def _layer_reason(conv: nn.Module) -> str:
+    aggr = conv.aggr
+    if isinstance(conv, GCNConv):
+        if aggr not in ("add", "sum", "mean"):
+            return f"GCNConv with aggr={aggr!r}: A (x W) = (A x) W needs a linear aggregation"
+        return ""
+    if not (isinstance(aggr, str) and aggr in ("add", "sum", "mean", "max", "min")):
+        return f"aggregation {aggr!r} is not per feature"
+    if getattr(conv, "project", False):
+        return "SAGEConv(project=True): the aggregated and the root features are different spaces"
+    if getattr(conv, "normalize", False):
+        return "SAGEConv(normalize=True): the L2 norm needs every output feature"
+    return ""
+
+
+def _reduction_space(spaces: list, key: str, n: int):
+    """The exchangeable space the input axis of ``key`` runs over, in index order, or the reason."""
+    found = [s for s in spaces if s.member(key, 1) is not None]
+    if len(found) != 1:
+        return f"input features of '{key}' lie in {len(found)} channel spaces"
+    space = found[0]
+    if not space.exchangeable:
+        return f"input features are not exchangeable: {space.reason}"
+    if space.member(key, 1).positions != list(range(n)):
+        return "input features map to blocks or a subset of the weight's inputs"
+    return space
+
+
+def _batchnorm(node: fx.Node, modules: dict) -> str | None:
+    """Module path of the BatchNorm1d (track_running_stats) a node calls, PyG's wrapper included."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, pyg_norm.BatchNorm):
+        return _join(node.target, "module") if m.module.track_running_stats else None
+    if isinstance(m, nn.BatchNorm1d) and m.track_running_stats:
+        return node.target
+    return None
+
+
+def _follow(node: fx.Node, modules: dict) -> tuple[list[fx.Node], str | None, str]:
+    """conv -> [transparent]* -> [BN] -> [transparent]* -> ReLU: (chain, bn path, reason if not)."""
+    chain, bn = [node], None
+    while True:
+        users = list(chain[-1].users)
+        if len(users) != 1:
+            return chain, bn, f"'{chain[-1].name}' has {len(users)} users (the chain to ReLU must be single-use)"
+        nxt = users[0]
+        if nxt.op == "output":
+            return chain, bn, "output feeds the model output (no ReLU)"
+        if is_transparent(nxt, modules):
+            chain.append(nxt)
+        elif bn is None and _batchnorm(nxt, modules) and nxt.args[0] is chain[-1]:
+            bn = _batchnorm(nxt, modules)
+            chain.append(nxt)
+        elif is_relu(nxt, modules):
+            return chain + [nxt], bn, ""
+        else:
+            what = type(modules[nxt.target]).__name__ if nxt.op == "call_module" else getattr(nxt.target, "__name__", nxt.target)
+            return chain, bn, f"followed by {what}, not ReLU"
+
+
+def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejected]]:
+    """ENP sites at GCNConv / SAGEConv / GraphConv layers of an analysed graph, and the rejected ones."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    sites, rejected = [], []
+    for node in gm.graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        layer = _layer(conv) if conv is not None else None
+        if layer is None:
+            continue
+        site_or_reason = _match(node, conv, layer, modules, spaces)
+        if isinstance(site_or_reason, str):
+            rejected.append(Rejected(node.target, "message_passing", site_or_reason))
+        else:
+            sites.append(site_or_reason)
+    return sites, rejected
+
+
+def _match(node: fx.Node, conv: nn.Module, layer: tuple, modules: dict, spaces: list) -> Site | str:
+    reason = _layer_reason(conv)
+    inputs = _call_inputs(node, conv) if not reason else None
+    if reason or isinstance(inputs, str):
+        return reason or inputs
+    rel, root, _, _ = layer
+    weight = getattr(conv, rel).weight
+    n = weight.shape[1]
+    keys = [_join(node.target, rel, "weight")]
+    if root is not None and getattr(conv, root, None) is not None:
+        keys.append(_join(node.target, root, "weight"))
+    found = [_reduction_space(spaces, key, n) for key in keys]
+    if any(isinstance(f, str) for f in found):
+        return next(f for f in found if isinstance(f, str))
+    if len({s.id for s in found}) != 1:
+        return "the aggregated and the root features are different spaces"
+    if n < 2:
+        return "reduction size < 2"
+    chain, bn, reason = _follow(node, modules)
+    if reason:
+        return reason
+    out_shape = _shape(node)
+    macs = math.prod(out_shape) * n * len(keys)
+    pattern = "-".join([type(conv).__name__.lower()] + (["bn"] if bn else []) + ["relu"])
+    return Site(name=node.target, kind="enp", n=n, pattern=pattern, op="message_passing", node=node.name,
+                space=found[0].id, macs=macs, out_shape=out_shape, bn=bn, act=chain[-1].name,
+                skipped=[c.name for c in chain[1:-1] if is_transparent(c, modules)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Injection
+# ---------------------------------------------------------------------------------------------
+
+def apply_exprune(model: nn.Module, config: ExPruneConfig) -> ExPruneRuntime:
+    """Inject ExPrune ops at the PyG sites of a model made by ``fxprune.wrap`` (mutated in place).
+
+    The ops join ``model.fxprune.exprune`` (created when absent), so thresholds, statistics,
+    ``fxprune.calibrate`` and ``fxprune.flops`` see them. Returns that runtime.
+    """
+    gm = getattr(model, "_orig_mod", model)
+    controller = getattr(gm, "fxprune", None)
+    if controller is None or getattr(controller, "analysis", None) is None:
+        raise WrapError("apply_exprune expects a model made by fxprune.wrap(model, (x, edge_index))")
+    if not isinstance(config, ExPruneConfig):
+        raise ConfigError(f"apply_exprune expects an ExPruneConfig, got {type(config).__name__}")
+    sites, rejected = find_sites(gm, controller.analysis.spaces)
+    names = {s.name for s in sites}
+    known = names | {s.name for s in controller.analysis.sites}
+    for field, value in (("sites", config.sites or ()), ("threshold", config.threshold), ("alpha", config.alpha)):
+        unknown = sorted(set(value) - known) if isinstance(value, (dict, list)) else []
+        if unknown:
+            raise ConfigError(f"ExPruneConfig.{field} names {unknown}, which are not ExPrune sites of this model; "
+                              f"sites: {sorted(known)}; PyG layers rejected: {[(r.name, r.reason) for r in rejected]}")
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    ops, skipped = {}, {r.name: r.reason for r in rejected}
+    for site in sites:
+        if config.sites is not None and site.name not in config.sites:
+            skipped[site.name] = "not in ExPruneConfig.sites"
+        elif site.n <= config.k:
+            skipped[site.name] = f"n = {site.n} <= k = {config.k}: no terms left to skip"
+        else:
+            ops[site.name] = _inject(gm, site, modules, config)
+    gm.recompile()
+    runtime = controller.exprune
+    if runtime is not None:
+        ops, skipped = {**runtime.ops, **ops}, {**runtime.skipped, **skipped}
+    controller.exprune = ExPruneRuntime(ops, skipped, config.rule, config.k)
+    controller.analysis.sites = [s for s in controller.analysis.sites if s.name not in names] + sites
+    return controller.exprune
+
+
+def _inject(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneConfig) -> MessagePassingENPOp:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    first = nodes[site.node]
+    conv = modules[site.name]
+    chain, _, _ = _follow(first, modules)
+    bn = modules[site.bn] if site.bn else None
+    if (bn is not None and bn.training) or conv.training:
+        raise WrapError(f"PyG site '{site.name}' is in training mode; ExPrune folds BatchNorm running statistics: "
+                        f"call model.eval() before apply_exprune")
+    op = MessagePassingENPOp(site.name, conv, config.rule, config.k, site.n, eps=bn.eps if bn is not None else None,
+                             threshold=config.threshold_of(site.name), alpha=config.alpha_of(site.name))
+    op.train(False)
+    conv.add_module(OP_ATTR, op)
+
+    inputs = _call_inputs(first, conv)
+    refs = {node: _Ref("node", i) for i, node in enumerate(chain)}
+    refs.update({v: _Ref("input", k) for k, v in inputs.items() if isinstance(v, fx.Node)})
+    op.chain = [ChainNode(n.op, n.target, fx.node.map_arg(n.args, refs.__getitem__),
+                          fx.node.map_arg(n.kwargs, refs.__getitem__), n.name, dict(n.meta)) for n in chain]
+
+    rel, root, bias_owner, bias_name = _layer(conv)
+    attrs = {"weight": _join(site.name, rel, "weight"), "bias": _join(site.name, bias_owner, bias_name)}
+    if root is not None and getattr(conv, root, None) is not None:
+        attrs["root_weight"] = _join(site.name, root, "weight")
+    if site.bn:
+        attrs.update(running_mean=f"{site.bn}.running_mean", running_var=f"{site.bn}.running_var",
+                     bn_weight=f"{site.bn}.weight", bn_bias=f"{site.bn}.bias")
+    graph, last = gm.graph, chain[-1]
+    with graph.inserting_before(last):
+        kwargs = {k: v for k, v in inputs.items() if k != "x" and v is not None}
+        for name, path in attrs.items():
+            owner, _, attr = path.rpartition(".")
+            if getattr(gm.get_submodule(owner), attr, None) is not None:
+                kwargs[name] = graph.get_attr(path)
+        new = graph.call_module(_join(site.name, OP_ATTR), (inputs["x"],), kwargs)
+    new.meta = dict(last.meta)
+    last.replace_all_uses_with(new)
+    for node in reversed(chain):
+        graph.erase_node(node)
+    return op
+
+
+def strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
+    """Put the original layer -> ... -> ReLU chains back in place of every PyG ExPrune op (mutates gm)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MessagePassingENPOp):
+            continue
+        op = gm.get_submodule(node.target)
+        inputs = {"x": node.args[0], **{k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}}
+        created: list[fx.Node] = []
+
+        def resolve(value):
+            if isinstance(value, _Ref):
+                return created[value.key] if value.kind == "node" else inputs[value.key]
+            if isinstance(value, (tuple, list)):
+                return type(value)(resolve(v) for v in value)
+            if isinstance(value, dict):
+                return {k: resolve(v) for k, v in value.items()}
+            return value
+
+        with graph.inserting_before(node):
+            for spec in op.chain:
+                new = graph.create_node(spec.op, spec.target, resolve(spec.args), resolve(spec.kwargs), name=spec.name)
+                new.meta = dict(spec.meta)
+                created.append(new)
+        node.replace_all_uses_with(created[-1])
+        attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        graph.erase_node(node)
+        for a in attrs:
+            if not a.users:
+                graph.erase_node(a)
+        owner, _, attr = node.target.rpartition(".")
+        delattr(gm.get_submodule(owner), attr)
+    gm.recompile()
+    return gm
