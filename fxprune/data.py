@@ -35,6 +35,13 @@ class Split:
         """The first ``n`` samples (all of them when ``n`` >= len)."""
         return Split(self.x[:n], self.y[:n])
 
+    def augmented(self, copies: int, seed: int = 0) -> "Split":
+        """This split followed by ``copies`` augmented copies of it (fixed ``seed``): a larger,
+        deterministic calibration set, so that a metric on it moves in finer steps."""
+        g = torch.Generator().manual_seed(seed)
+        xs = [self.x] + [augment(self.x, g) for _ in range(copies)]
+        return Split(torch.cat(xs), self.y.repeat(copies + 1))
+
     def batches(self, size: int, shuffle: bool = False, generator: torch.Generator | None = None):
         """Yield (x, y) mini-batches of ``size`` samples (the last one may be smaller)."""
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))

@@ -3,7 +3,7 @@
 Steps: train a ResNet-18-style timm model (half width by default) on scikit-learn's digits upsampled
 to 3x32x32 (:mod:`fxprune.data`); wrap it with Hyperflux and fine-tune while pruning to the target
 sparsity; export the pruned model; wrap that with ExPrune and calibrate its thresholds on a held-out
-split; then compare the three on the test split: accuracy, parameters, dense and effective MACs
+split (plus augmented copies of it); then compare the three on the test split: accuracy, parameters, dense and effective MACs
 (:func:`fxprune.flops`, 1 MAC = one multiply-add, per image) and eager CPU latency (median).
 
 Outputs in ``--out`` (default ``./fxprune-demo-out``): ``report.json``, ``training.png`` (sparsity
@@ -47,9 +47,9 @@ class Settings:
     dataset: str = "digits"
     train_samples: int = 0  # 0: the whole training split
     batch: int = 64
-    dense_epochs: int = 6
+    dense_epochs: int = 8
     dense_lr: float = 0.1
-    prune_epochs: int = 5  # Hyperflux pruning phase
+    prune_epochs: int = 8  # Hyperflux pruning phase
     regrowth_epochs: int = 1  # Hyperflux regrowth phase (pressure 0)
     prune_lr: float = 0.02
     gate_lr: float = 0.02  # the paper's 1e-3 suits 100+ epochs; a 5-epoch phase needs faster gates
@@ -58,13 +58,15 @@ class Settings:
     k: int = 16  # ExPrune: leading input channels summed before predicting
     max_drop: float = 0.01  # ExPrune: allowed calibration-accuracy drop (fraction, 0.01 = 1 point)
     calib_samples: int = 0  # 0: the whole calibration split
+    calib_copies: int = 3  # augmented copies added to the calibration split (finer accuracy steps)
     flops_batch: int = 128  # test images the effective MACs are averaged over
     latency_repeats: int = 20
     seed: int = 0
 
 
 QUICK = dict(width=0.25, train_samples=128, batch=32, dense_epochs=1, prune_epochs=2, regrowth_epochs=0,
-             gate_lr=0.05, scheduler_interval=1, calib_samples=64, flops_batch=16, latency_repeats=2)
+             gate_lr=0.05, scheduler_interval=1, calib_samples=64, calib_copies=0, flops_batch=16,
+             latency_repeats=2)
 
 
 # -- shared helpers ----------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
     s = settings
     data = datasets.load(s.dataset, size=32, channels=3, seed=s.seed)
     train_split = data.train.head(s.train_samples) if s.train_samples else data.train
-    calib = data.calib.head(s.calib_samples) if s.calib_samples else data.calib
+    calib = (data.calib.head(s.calib_samples) if s.calib_samples else data.calib).augmented(s.calib_copies, s.seed)
     log(f"data   {data.describe()}" + (f" (training on {len(train_split)})" if s.train_samples else ""))
     example = data.test.x[:8]
     timings = {}
@@ -222,8 +224,8 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
     thresholds = fxprune.calibrate(exp, calib.batches(256), lambda m: accuracy(m, calib), max_drop=s.max_drop,
                                    progress=progress)
     timings["calibration_s"] = time.perf_counter() - t0
-    log(f"exprune calibrated {len(exp.fxprune.exprune.ops)} sites in {timings['calibration_s']:.0f} s "
-        f"(max calibration-accuracy drop {100 * s.max_drop:g} points)")
+    log(f"exprune calibrated {len(exp.fxprune.exprune.ops)} sites on {len(calib)} images in "
+        f"{timings['calibration_s']:.0f} s (max calibration-accuracy drop {100 * s.max_drop:g} points)")
 
     flops_x = data.test.x[:s.flops_batch]
     rows, reports = [], {}
