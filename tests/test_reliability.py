@@ -119,3 +119,17 @@ def test_ddp_two_ranks_hold_identical_gates_and_scheduler_state():
         b = r1["state"][key]
         same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
         assert same, f"{key} differs across ranks"
+
+
+def test_empty_batches_and_nan_inputs_through_both_transforms():
+    x = torch.randn(4, 3, 8, 8)
+    model = tiny_cnn().eval()
+    wrapped = fxprune.wrap(model, x, hyperflux=hyperflux_config(), exprune=fxprune.ExPruneConfig(k=4, threshold=0.0))
+    assert wrapped.fxprune.exprune.ops, "the tiny CNN has an ExPrune site"
+    with torch.no_grad():
+        assert wrapped(torch.randn(0, 3, 8, 8)).shape == (0, 4)
+        poisoned = x.clone()
+        poisoned[1, :, 2, 2] = float("nan")
+        out = wrapped(poisoned)
+    # a NaN sample must stay visibly NaN (not silently zeroed by a prediction); clean samples stay finite
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
