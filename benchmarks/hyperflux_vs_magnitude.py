@@ -34,14 +34,14 @@ from fxprune import data as datasets
 from fxprune.demo import accuracy, train
 
 HEADING = "## Hyperflux vs magnitude pruning"
-FULL = dict(width=0.5, train_samples=0, dense_epochs=6, prune_epochs=5, regrowth_epochs=1, targets=(0.9, 0.95, 0.98),
+FULL = dict(width=0.5, train_samples=0, dense_epochs=6, prune_epochs=10, regrowth_epochs=1, targets=(0.9, 0.95, 0.98),
             timing_steps=12)
 QUICK = dict(width=0.25, train_samples=128, dense_epochs=1, prune_epochs=2, regrowth_epochs=0, targets=(0.9,),
              timing_steps=2)
 BATCH = 64
 LR = 0.02
 GATE_LR = 0.02
-SCHEDULER_INTERVAL = 6  # steps between pressure updates (a third of an epoch)
+SCHEDULER_INTERVAL = 12  # steps between pressure updates: near the gates' reaction time (0.35 / gate lr)
 
 
 def prunable_weights(model: nn.Module) -> list[torch.Tensor]:
