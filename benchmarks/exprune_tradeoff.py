@@ -1,0 +1,184 @@
+"""ExPrune trade-off: effective MACs saved vs. held-out accuracy drop, with calibrate().
+
+Data (offline, no download): scikit-learn's 8x8 handwritten digits, upsampled to 16x16 and
+augmented (random rotation, scale, shift, noise). The base images are split before augmentation
+into train / calibration / test, so the test images are digits the model and the calibration
+never saw. Model: a VGG-style CNN with BatchNorm (widths 64-256). For each rule and max_drop the
+script calibrates per-site thresholds on the calibration split and reports, on the test split,
+the effective MACs saved for the WHOLE model (every conv and linear, stem and head included; 1 MAC
+= one multiply-add) and the accuracy drop. Masked dense execution is not faster: the savings are
+what a kernel that skips the predicted work would do.
+
+    .venv/bin/python benchmarks/exprune_tradeoff.py            # full run, updates BENCHMARKS.md
+    .venv/bin/python benchmarks/exprune_tradeoff.py --quick    # < 30 s smoke run, prints only
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+import fxprune
+from fxprune.exprune import ExPruneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADING = "## ExPrune trade-off"
+WIDTHS = (64, "M", 128, 128, "M", 256, 256, "M", 512, 512)  # VGG-11-like widths, stages at 16, 8, 4, 2 px
+QUICK_WIDTHS = (64, "M", 64)
+
+
+def make_data(n_train: int, n_calib: int, n_test: int, seed: int = 0):
+    """(x, y) tensors for train / calib / test, each from disjoint base digit images."""
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    parts = order[:1100], order[1100:1400], order[1400:]
+    return tuple(_augment(images[p], labels[p], n, g) for p, n in zip(parts, (n_train, n_calib, n_test)))
+
+
+def _augment(images: torch.Tensor, labels: torch.Tensor, n: int, g: torch.Generator):
+    idx = torch.randint(len(labels), (n,), generator=g)
+    x = F.interpolate(images[idx], size=16, mode="bilinear", align_corners=False)
+    angle = (torch.rand(n, generator=g) - 0.5) * math.radians(24)
+    scale = 0.9 + 0.2 * torch.rand(n, generator=g)
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.25
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, align_corners=False) + 0.05 * torch.randn(x.shape, generator=g)
+    return (x - 0.2) / 0.3, labels[idx]
+
+
+def vgg(widths) -> nn.Sequential:
+    """Conv3x3-BN-ReLU stacks ("M": 2x2 max-pool), global average pool, linear head."""
+    layers, c = [], 1
+    for w in widths:
+        if w == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int = 128) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * math.ceil(len(y) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps)
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(batch):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    return sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(batch), y.split(batch))) / len(y)
+
+
+def whole_model_macs(analysis) -> float:
+    """Dense MACs per sample of every conv and linear (the analysis' example batch)."""
+    return sum(g.macs for g in analysis.gate_targets) / analysis.input_shapes[0][0]
+
+
+def run(args) -> list[dict]:
+    torch.manual_seed(0)
+    n_train, n_calib, n_test, epochs = (1500, 500, 500, 1) if args.quick else (16000, 2000, 4000, 4)
+    (xt, yt), (xc, yc), (xs, ys) = make_data(n_train, n_calib, n_test)
+    model = vgg(QUICK_WIDTHS if args.quick else WIDTHS)
+    t0 = time.perf_counter()
+    train(model, xt, yt, epochs)
+    print(f"trained in {time.perf_counter() - t0:.0f} s; dense accuracy calib {accuracy(model, xc, yc):.4f} "
+          f"test {accuracy(model, xs, ys):.4f}")
+    rows = []
+    for rule in args.rules:
+        wrapped = fxprune.wrap(model, xc[:8], exprune=ExPruneConfig(rule=rule, k=args.k, heads=True))
+        runtime = wrapped.fxprune.exprune
+        total = whole_model_macs(wrapped.fxprune.analysis)
+        dense_test = accuracy(wrapped, xs, ys)
+        dense_calib = accuracy(wrapped, xc, yc)
+        for max_drop in args.max_drop:
+            t0 = time.perf_counter()
+            fxprune.calibrate(wrapped, zip(xc.split(250), yc.split(250)), lambda m: accuracy(m, xc, yc),
+                              max_drop=max_drop, progress=not args.quiet)
+            seconds = time.perf_counter() - t0
+            calib = accuracy(wrapped, xc, yc)
+            runtime.reset_stats()
+            test = accuracy(wrapped, xs, ys)
+            saved = runtime.effective_macs_saved() / len(ys)
+            row = dict(rule=rule, k=args.k, max_drop=max_drop, saved=100 * saved / total, calib_drop=100 * (dense_calib - calib),
+                       test_drop=100 * (dense_test - test), dense_test=100 * dense_test, seconds=seconds,
+                       sites=len(runtime.ops), macs=total, calib_n=len(yc), test_n=len(ys),
+                       widths=QUICK_WIDTHS if args.quick else WIDTHS)
+            rows.append(row)
+            print(f"{rule:>9} max_drop {max_drop:<6} saved {row['saved']:5.1f} % of whole-model MACs "
+                  f"(sites {100 * runtime.stats()['total']['saved_fraction']:.1f} %), calib drop "
+                  f"{row['calib_drop']:+.2f} pt, test drop {row['test_drop']:+.2f} pt, calibration {seconds:.1f} s")
+    return rows
+
+
+def write(rows: list[dict], path: Path, command: str) -> None:
+    """Replace the '## ExPrune trade-off' section of BENCHMARKS.md (create the file if needed)."""
+    r0 = rows[0]
+    lines = [HEADING, "",
+             f"{datetime.date.today().isoformat()}, 2-core CPU (shared), torch {torch.__version__}. Command: `{command}`",
+             "",
+             f"VGG-style CNN (conv widths {'-'.join(str(w) for w in r0['widths'] if w != 'M')}, BatchNorm, "
+             f"{r0['sites']} ExPrune sites incl. the head, k = {r0['k']}) on augmented scikit-learn digits (16x16), "
+             f"{r0['macs'] / 1e6:.1f} M MACs per sample (every conv and linear); dense test accuracy "
+             f"{r0['dense_test']:.2f} %. Calibration on {r0['calib_n']:,} samples from 300 digit images, test on "
+             f"{r0['test_n']:,} from 397 other images. Saved = effective MACs saved over the WHOLE model (stem and "
+             f"head included, test overhead deducted), on the test split. Masked dense execution is not faster; "
+             f"time not measured.",
+             "",
+             "| rule | max_drop | MACs saved (whole model) | calib drop (pt) | test drop (pt) | calibration (s) |",
+             "|:--|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['rule']} | {r['max_drop']} | {r['saved']:.1f} % | {r['calib_drop']:+.2f} | "
+                     f"{r['test_drop']:+.2f} | {r['seconds']:.0f} |")
+    section = "\n".join(lines) + "\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small data and model (< 30 s); prints, writes nothing")
+    p.add_argument("--rules", nargs="+", default=["threshold", "ztest"], choices=["threshold", "ztest"])
+    p.add_argument("--max-drop", nargs="+", type=float, default=[0.001, 0.01], help="accuracy fraction")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--benchmarks", type=Path, default=None, help="file to update (default: BENCHMARKS.md, "
+                   "not in --quick mode)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    rows = run(args)
+    target = args.benchmarks or (None if args.quick else ROOT / "BENCHMARKS.md")
+    if target is not None:
+        command = " ".join([".venv/bin/python", "benchmarks/exprune_tradeoff.py", *(argv if argv is not None else sys.argv[1:])])
+        write(rows, target, command)
+        print(f"updated {target}")
+
+
+if __name__ == "__main__":
+    main()

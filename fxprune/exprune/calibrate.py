@@ -1,0 +1,354 @@
+"""Calibration: per-site cutoffs that save the most effective MACs within a metric budget.
+
+1. Reference: ``metric_fn(model)`` with nothing pruned.
+2. Probe: one pass over the calibration batches, nothing pruned, one backward per batch. Every op
+   reports per output element its statistic s (m, or z for the z-test), the output change delta
+   if it were predicted (-ReLU output; extrapolated - full logits for heads) and the MACs that
+   predicting it saves. Per site the candidate cutoffs c_1 < ... < c_B are quantiles of s on the
+   first batch, and the pass keeps, per cutoff t,
+     saved[t]     = effective MACs saved per sample (test overhead deducted),
+     effect[r, t] = sum over the elements of row r with s < c_t of g * delta,
+   the first-order change of row r's score, g = d score / d output (a head that produces the
+   model output gets its exact change). Only these tables are kept, never the activations.
+3. Allocation: greedy from "nothing pruned"; each step moves one site to a higher cutoff, the move
+   with the most MACs saved per unit of added penalty (ties: the most MACs). The penalty is a
+   function of the joint change c = sum over sites of effect[:, t_site], so interactions between
+   sites are included. The steps form one path of nested allocations. Objectives:
+   - "top1" (class scores, one row per sample): the score is the margin between the dense top-1
+     logit and the best other one; c_r < -margin_r predicts that sample r changes its top-1, and
+     the penalty is the smoothed count of such flips, sum_r sigmoid(-(margin_r + c_r) / tau),
+     tau = smoothing * median margin. It stays right for large changes of confident samples.
+   - "fisher" (any output): the score is -log p(y^ | x) with y^ drawn once from the dense softmax
+     (a fixed random projection for outputs that are not class scores); the penalty sum_r c_r^2
+     estimates the Fisher quadratic form, twice the KL divergence between dense and pruned
+     outputs to second order. A row is a sample when the site's output is batched like the model
+     output, else the whole batch (still unbiased: label draws are independent across samples).
+4. Joint verification: binary search along the path with ``metric_fn`` (top1: the first probe is
+   where the predicted flips reach twice the allowed drop); the result is the furthest allocation
+   measured to keep metric >= dense metric - max_drop, so the constraint holds on the calibration
+   data. Binary search assumes the metric falls along the path; where it does not, the result is
+   still feasible, maybe not the furthest one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .ops import ExPruneOp
+
+OBJECTIVES = ("auto", "top1", "fisher")
+
+
+@dataclass
+class SiteTable:
+    """What the probe learnt about one site, per calibration sample."""
+
+    edges: Tensor  # (B,) increasing cutoffs in statistic units; predicted <=> s < edge
+    saved: Tensor  # (B,) float64, MACs saved per sample at each cutoff (test overhead deducted)
+    effect: Tensor  # (R, B) float32, first-order change of each row's score at each cutoff
+
+
+def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Module], float],
+              max_drop: float = 0.001, *, progress: bool = True, objective: str = "auto", bins: int = 64,
+              smoothing: float = 0.05, max_evals: int = 8, seed: int = 0,
+              sample_limit: int = 200_000) -> dict[str, float]:
+    """Choose per-site cutoffs that save the most effective MACs with metric >= dense - max_drop.
+
+    Args:
+        model: a model with ExPrune ops (``fxprune.wrap(..., exprune=ExPruneConfig(...))``).
+        batches: calibration inputs, iterated once: each item is the model's input (a tensor or a
+            tuple of positional inputs) or ``(inputs, target)``; targets are not used.
+        metric_fn: ``metric_fn(model) -> float``, higher is better (e.g. accuracy as a fraction on
+            the calibration set). Called at most ``max_evals + 1`` times.
+        max_drop: allowed metric drop from the dense model, in the metric's units.
+        progress: show tqdm progress bars.
+        objective: "top1" (predicted top-1 flips; class-score outputs), "fisher" (KL divergence;
+            any output) or "auto" (top1 for (samples, classes) outputs with every site batched
+            like the output, else fisher).
+        bins: candidate cutoffs per site.
+        smoothing: top1: width of the logistic flip count, as a fraction of the median margin.
+        max_evals: most ``metric_fn`` calls of the search.
+        seed: seed of the label draws (fisher) and of the subsample placing the cutoffs.
+        sample_limit: statistic values per site used to place the cutoffs.
+
+    Returns:
+        site name -> the chosen threshold T (rule "threshold") or alpha (rule "ztest"); -inf / 0.0
+        for sites left dense. They are set on the model, which is left in eval mode.
+    """
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
+        raise ConfigError(f"calibrate: max_drop must be a float >= 0 (metric units), got {max_drop!r}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"calibrate: objective must be one of {OBJECTIVES}, got {objective!r}")
+    ops = find_ops(model)
+    model.eval()
+    _apply(ops, {})
+    dense = float(metric_fn(model))
+    tables, margins = _probe(getattr(model, "_orig_mod", model), ops, batches, objective, bins, seed,
+                             sample_limit, progress)
+    penalty = _Flips(tables, margins, smoothing) if margins is not None else _Quadratic(tables)
+    path, predicted = _greedy_path(tables, penalty)
+
+    def feasible(position: int) -> bool:
+        _apply(ops, _allocation(path, position, tables))
+        return float(metric_fn(model)) >= dense - max_drop
+
+    lo, hi = 0, len(path) + 1  # lo: measured feasible (dense); hi: measured infeasible, or past the end
+    first = (lo + hi) // 2
+    if margins is not None:
+        allowed = 2 * max_drop * margins.numel()
+        first = next((j for j, flips in enumerate(predicted, 1) if flips > allowed), len(path))
+    with tqdm(total=max_evals, desc="exprune verify", disable=not progress) as bar:
+        for n in range(max_evals):
+            if hi - lo <= 1:
+                break
+            mid = first if n == 0 else (lo + hi) // 2
+            lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+            bar.update(1)
+    chosen = _allocation(path, lo, tables)
+    _apply(ops, chosen)
+    for op in ops.values():
+        op.reset_stats()
+    return {name: _knob(op, chosen.get(name)) for name, op in ops.items()}
+
+
+def find_ops(model: nn.Module) -> dict[str, ExPruneOp]:
+    """Site name -> ExPrune op of a wrapped model."""
+    inner = getattr(model, "_orig_mod", model)
+    ops = {m.site: m for m in inner.modules() if isinstance(m, ExPruneOp)}
+    if not ops:
+        raise ConfigError(f"calibrate: {type(inner).__name__} has no ExPrune ops; wrap it first with "
+                          f"fxprune.wrap(model, inputs, exprune=fxprune.ExPruneConfig())")
+    return ops
+
+
+def _knob(op: ExPruneOp, cutoff: float | None) -> float:
+    """The op's knob for a cutoff in statistic units: T itself, or alpha = Phi(cutoff)."""
+    if op.rule == "threshold":
+        return -math.inf if cutoff is None else cutoff
+    return 0.0 if cutoff is None else 0.5 * math.erfc(-cutoff / math.sqrt(2.0))
+
+
+def _apply(ops: dict[str, ExPruneOp], cutoffs: dict[str, float]) -> None:
+    """Set each op's cutoff (statistic units); sites not named are left dense."""
+    for name, op in ops.items():
+        value = _knob(op, cutoffs.get(name))
+        if op.rule == "threshold":
+            op.set_threshold(value)
+        else:
+            op.set_alpha(value)
+
+
+def _inputs_of(item: Any) -> tuple:
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        item = item[0]
+    return tuple(item) if isinstance(item, (tuple, list)) else (item,)
+
+
+def _first_tensor(output: Any) -> Tensor:
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if isinstance(output, dict):
+        output = next(iter(output.values()))
+    return output
+
+
+def _probe(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, objective: str, bins: int, seed: int,
+           sample_limit: int, progress: bool) -> tuple[dict[str, SiteTable], Tensor | None]:
+    """One pass over the batches: the per-site tables, and the dense margins (top1) or None (fisher)."""
+    device = next(iter(ops.values())).threshold.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    edges: dict[str, Tensor] = {}
+    saved: dict[str, Tensor] = {}
+    effects: dict[str, list[Tensor]] = {}
+    margins: list[Tensor] = []
+    samples = 0
+    try:
+        for item in tqdm(batches, desc="exprune probe", disable=not progress):
+            for op in ops.values():
+                op.probe = {}
+            inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in _inputs_of(item))
+            with torch.enable_grad():
+                raw = _first_tensor(model(*inputs))
+                out = raw.float()
+                active = {name: op.probe for name, op in ops.items() if "out" in op.probe}
+                aligned = all(p["out"].shape[0] == out.shape[0] for p in active.values())
+                if objective == "auto":
+                    objective = "top1" if out.dim() == 2 and out.shape[1] >= 2 and aligned else "fisher"
+                if objective == "top1" and not (aligned and out.dim() == 2):
+                    raise ConfigError("calibrate: objective='top1' needs (samples, classes) outputs and every "
+                                      "site batched like them; use objective='fisher'")
+                score_fn = _score_fn(objective, out.detach(), generator)
+                score = score_fn(out)
+                grads = torch.autograd.grad(score.sum(), [p["out"] for p in active.values()], allow_unused=True)
+            if objective == "top1":
+                margins.append(score.detach().double().cpu())
+            samples += out.shape[0]
+            for (name, p), g in zip(active.items(), grads):
+                rows = out.shape[0] if p["out"].shape[0] == out.shape[0] else 1
+                if ops[name].kind == "head" and p["out"] is raw:
+                    # a head decides whole rows of the model output: its change of score is exact
+                    change = score_fn(out.detach() + p["delta"].float()) - score.detach()
+                    contrib = (change / (out.numel() // rows)).view(rows, *[1] * (out.dim() - 1)).expand(out.shape)
+                else:
+                    contrib = g * p["delta"] if g is not None else torch.zeros_like(p["delta"])
+                if name not in edges:
+                    edges[name] = _edges(p["stat"], bins, sample_limit, generator)
+                    saved[name] = torch.zeros(edges[name].numel(), dtype=torch.float64)
+                    effects[name] = []
+                s, e = _tables(edges[name], p, contrib, rows)
+                saved[name] += s
+                effects[name].append(e)
+    finally:
+        for op in ops.values():
+            op.probe = None
+    tables = {name: SiteTable(edges[name], saved[name] / samples, torch.cat(effects[name])) for name in edges}
+    return tables, (torch.cat(margins) if margins else None)
+
+
+def _score_fn(objective: str, out: Tensor, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+    """Per-row score of an output, with its labels fixed from the dense output ``out``.
+
+    top1: z_a - max_{c != a} z_c, a = the dense top-1 class. fisher: -log p(y^|x), y^ ~ softmax(out)
+    drawn once (class scores in the last dim), else a fixed random projection of the output.
+    """
+    rows = out.shape[0]
+    if objective == "top1":
+        top = out.argmax(1, keepdim=True)
+        others = torch.zeros_like(out, dtype=torch.bool).scatter_(1, top, True)
+        return lambda z: z.gather(1, top).squeeze(1) - z.masked_fill(others, -math.inf).amax(1)
+    if out.dim() >= 2 and out.shape[-1] >= 2:
+        labels = torch.multinomial(out.reshape(-1, out.shape[-1]).softmax(-1), 1, generator=generator).squeeze(1)
+        return lambda z: F.cross_entropy(z.reshape(-1, z.shape[-1]), labels, reduction="none").reshape(rows, -1).sum(1)
+    noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+    return lambda z: (z * noise).reshape(rows, -1).sum(1)
+
+
+def _edges(stat: Tensor, bins: int, limit: int, generator: torch.Generator) -> Tensor:
+    """Candidate cutoffs: quantiles 1/(bins+1) .. bins/(bins+1) of the finite statistic values."""
+    values = stat.reshape(-1)
+    values = values[torch.isfinite(values)]
+    if values.numel() > limit:
+        values = values[torch.randint(values.numel(), (limit,), generator=generator, device=values.device)]
+    if values.numel() == 0:
+        return values
+    values = values.sort().values
+    levels = torch.arange(1, bins + 1, device=values.device, dtype=torch.float64) / (bins + 1)
+    return torch.unique(values[(levels * (values.numel() - 1)).round().long()])
+
+
+def _tables(edges: Tensor, probe: dict, contrib: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """One batch of one site: MACs saved per cutoff (summed over the batch) and the (rows, B) effect.
+
+    ``contrib`` is each element's first-order change of its row's score if it were predicted.
+    """
+    b = edges.numel()
+    stat = probe["stat"]
+    flat = stat.reshape(rows, -1).contiguous()
+    # idx = number of cutoffs <= s; the element is predicted at cutoff t  <=>  s < edges[t]  <=>  idx <= t
+    idx = torch.searchsorted(edges, flat, right=True).masked_fill(torch.isnan(flat), b)
+    per_bin = torch.zeros(b + 1, dtype=torch.float64, device=flat.device)
+    per_bin.scatter_add_(0, idx.reshape(-1), probe["save"].reshape(-1).to(torch.float64))
+    saved = per_bin[:b].cumsum(0) - probe["overhead"] * stat.numel()
+    per_row = torch.zeros(rows, b + 1, dtype=torch.float64, device=flat.device)
+    per_row.scatter_add_(1, idx, contrib.reshape(rows, -1).to(torch.float64))
+    return saved.cpu(), per_row[:, :b].cumsum(1).float().cpu()
+
+
+class _Quadratic:
+    """Penalty sum_r c_r^2. Keeps v = effect^T c per site and the Gram matrices G = effect^T effect:
+    moving a site from t0 to t adds 2 (v[t] - v[t0]) + G[t, t] - 2 G[t, t0] + G[t0, t0]."""
+
+    def __init__(self, tables: dict[str, SiteTable]):
+        self.effects = {n: t.effect.double() for n, t in tables.items()}
+        self.grams = {n: e.T @ e for n, e in self.effects.items()}
+        self.stacked = torch.cat(list(self.effects.values()), 1)
+        self.v = torch.zeros(self.stacked.shape[1], dtype=torch.float64)
+        self.slices, start = {}, 0
+        for n, e in self.effects.items():
+            self.slices[n] = slice(start, start + e.shape[1])
+            start += e.shape[1]
+        self.value = 0.0
+
+    def added(self, name: str, t0: int, cand: Tensor) -> Tensor:
+        v, g = self.v[self.slices[name]], self.grams[name]
+        out = 2 * v[cand] + g[cand, cand]
+        return out if t0 < 0 else out - 2 * v[t0] - 2 * g[cand, t0] + g[t0, t0]
+
+    def move(self, name: str, t0: int, t: int) -> None:
+        e = self.effects[name]
+        self.value += float(self.added(name, t0, torch.tensor([t]))[0])
+        self.v += self.stacked.T @ (e[:, t] - e[:, t0] if t0 >= 0 else e[:, t])
+
+
+class _Flips:
+    """Penalty sum_r sigmoid(-(margin_r + c_r) / tau) - its dense value: the smoothed number of
+    samples whose top-1 changes."""
+
+    def __init__(self, tables: dict[str, SiteTable], margins: Tensor, smoothing: float):
+        self.effects = {n: t.effect for n, t in tables.items()}
+        self.margins = margins.float()
+        self.tau = smoothing * max(float(margins.abs().median()), 1e-12)
+        self.change = torch.zeros_like(self.margins)
+        self.base = float(self._flips(self.change.unsqueeze(1))[0])
+        self.value = 0.0
+
+    def _flips(self, change: Tensor) -> Tensor:
+        return torch.sigmoid(-(self.margins.unsqueeze(1) + change) / self.tau).sum(0, dtype=torch.float64)
+
+    def _moved(self, name: str, t0: int, cand: Tensor) -> Tensor:
+        e = self.effects[name]
+        moved = self.change.unsqueeze(1) + e[:, cand]
+        return moved if t0 < 0 else moved - e[:, t0:t0 + 1]
+
+    def added(self, name: str, t0: int, cand: Tensor) -> Tensor:
+        return self._flips(self._moved(name, t0, cand)) - self.base - self.value
+
+    def move(self, name: str, t0: int, t: int) -> None:
+        self.change = self._moved(name, t0, torch.tensor([t]))[:, 0]
+        self.value = float(self._flips(self.change.unsqueeze(1))[0]) - self.base
+
+
+def _greedy_path(tables: dict[str, SiteTable], penalty) -> tuple[list[tuple[str, int]], list[float]]:
+    """Nested allocations as steps (site, cutoff index), position j applying the first j steps, and
+    the penalty after each step."""
+    at = {name: -1 for name, table in tables.items() if table.edges.numel()}
+    path: list[tuple[str, int]] = []
+    values: list[float] = []
+    while True:
+        best = None
+        for name, t0 in at.items():
+            saved = tables[name].saved
+            cand = torch.arange(t0 + 1, saved.numel())
+            gain = saved[cand] - (saved[t0] if t0 >= 0 else 0.0)
+            valid = gain > 0
+            if not valid.any():
+                continue
+            added = penalty.added(name, t0, cand)
+            ratio = torch.where(added > 0, gain / added.clamp_min(1e-300), torch.full_like(gain, math.inf))
+            ratio = ratio.masked_fill(~valid, -math.inf)
+            j = int(torch.where(ratio == ratio.max(), gain, torch.full_like(gain, -math.inf)).argmax())
+            key = (float(ratio[j]), float(gain[j]))
+            if best is None or key > best[0]:
+                best = (key, name, int(cand[j]))
+        if best is None:
+            return path, values
+        _, name, t = best
+        penalty.move(name, at[name], t)
+        at[name] = t
+        path.append((name, t))
+        values.append(penalty.value)
+
+
+def _allocation(path: list[tuple[str, int]], position: int, tables: dict[str, SiteTable]) -> dict[str, float]:
+    """Site -> cutoff (statistic units) after the first ``position`` steps of the path."""
+    chosen: dict[str, int] = {}
+    for name, t in path[:position]:
+        chosen[name] = t
+    return {name: float(tables[name].edges[t]) for name, t in chosen.items()}
