@@ -196,6 +196,8 @@ def build(name: str, pinned: int | None, seed: int = 0):
             with torch.no_grad():
                 model(x)
             randomize_(model, seed, (x,))  # non-degenerate weights, BatchNorm statistics of x
+            model.train()
+            model.eval()  # timm clears eval-time caches (attention biases) on train(): drop stale ones
             return model, x
         except Exception as exc:  # the model rejects this size: try the next
             errors.append(f"{size}: {type(exc).__name__}")

@@ -30,7 +30,7 @@ from fxprune.analysis.rules import (
 )
 from fxprune.capture import LeafPolicy, register_capture_hook
 
-__all__ = ["create_model", "leaf_policy", "TRACE_THROUGH", "EXTRA_LEAVES"]
+__all__ = ["create_model", "leaf_policy", "reset_eval_caches", "TRACE_THROUGH", "EXTRA_LEAVES"]
 
 
 def _timm_class(module: str, name: str) -> type | None:
@@ -59,6 +59,23 @@ def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
 
 
 register_capture_hook(leaf_policy)
+
+
+def reset_eval_caches(model: nn.Module) -> None:
+    """Capture hook: empty timm's eval-time caches before tracing.
+
+    LeViT, EfficientFormer(V2), EfficientViT (MSRA) and friends cache their attention biases per
+    device in eval mode (``attention_bias_cache``). A symbolic trace stores a Proxy there (keyed by
+    the proxy's name), so a second trace of the same model, or of a deep copy (``fxprune.wrap``
+    after ``fxprune.analyze``), would reuse a node of the first graph. timm itself empties the cache
+    on ``train()``; an empty cache is recomputed on the next eval call.
+    """
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict) and m.attention_bias_cache:
+            m.attention_bias_cache = {}
+
+
+register_capture_hook(reset_eval_caches)
 
 
 # ---------------------------------------------------------------------------------------------

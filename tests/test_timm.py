@@ -186,3 +186,15 @@ def test_create_model_errors_name_the_problem():
         fx_timm.create_model("resnet18x")
     with pytest.raises(fxprune.ConfigError, match="example_inputs"):
         fx_timm.create_model("resnet10t", fxprune={"example_inputs": None})
+
+
+def test_eval_attention_bias_caches_survive_analyze_then_wrap():
+    from timm.models.levit import Attention
+    model = nn.Sequential(nn.Linear(8, 16), Attention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=3)).eval()
+    x = torch.randn(2, 9, 8)
+    with torch.no_grad():
+        expected = model(x)  # fills the eval-time cache
+    fxprune.analyze(model, x)
+    wrapped = fxprune.wrap(model, x)  # traces a deep copy of the model analyze traced
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), expected)
