@@ -26,7 +26,8 @@ OP_ATTR = "exprune"  # the op's name under its conv/linear module
 
 @dataclass(frozen=True)
 class _Ref:
-    """A reference inside a stored chain: ("node", index in chain) or ("input", "x"|"residual")."""
+    """A reference inside a stored chain: ("node", index in chain) or ("input", name), name = "x" (the op
+    node's first argument) or the name of one of its keyword arguments ("residual")."""
 
     kind: str
     key: Any
@@ -199,7 +200,7 @@ def strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ExPruneOp):
             continue
         op = gm.get_submodule(node.target)
-        inputs = {"x": node.args[0], "residual": node.kwargs.get("residual")}
+        inputs = {"x": node.args[0], **{k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}}
         created: list[fx.Node] = []
 
         def resolve(ref):
