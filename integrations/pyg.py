@@ -241,44 +241,40 @@ def graph_conv_rule(ctx: RuleContext) -> None:
     _aggregate_plus_root(ctx, "lin_rel", "lin_root")
 
 
-def gin_conv_rule(ctx: RuleContext) -> None:
-    """GINConv: out = nn((1 + eps) x_i + sum_j x_j); the MLP is followed layer by layer."""
+def _nn_layer(ctx: RuleContext, first_link: Callable | None = None) -> None:
+    """A layer whose output is its ``nn`` applied to aggregated features (GINConv, EdgeConv)."""
     x, out = _features(ctx)
     if x is None:
         return
     _break_graph_axes(ctx, x, out)
     _aggregation_ok(ctx, ctx.module, x, out)
-    last = _mlp(ctx, "nn", ctx.module.nn, x[-1])
+    last = _mlp(ctx, "nn", ctx.module.nn, x[-1], first_link and (lambda ctx, w_in: first_link(ctx, x[-1], w_in)))
     if last is None:
-        ctx.breaks([x[-1], out[-1]], f"{ctx.description}: its nn ({type(ctx.module.nn).__name__}) has a layer "
-                                     f"with no rule (Linear, norms and elementwise activations are followed)")
+        ctx.breaks([x[-1], out[-1]], f"{ctx.description}: its nn ({type(ctx.module.nn).__name__}) is not a sequence "
+                                     f"of Linear, norm and elementwise layers")
         return
     ctx.same(last, out[-1])
+
+
+def gin_conv_rule(ctx: RuleContext) -> None:
+    """GINConv: out = nn((1 + eps) x_i + sum_j x_j); the MLP is followed layer by layer."""
+    _nn_layer(ctx)
+
+
+def _edge_conv_input(ctx: RuleContext, feat: int, w_in: int) -> None:
+    """EdgeConv feeds nn with [x_i, x_j - x_i]: feature c of x is nn input c and C + c."""
+    c = ctx.size(feat)
+    if ctx.size(w_in) != 2 * c:
+        ctx.breaks([feat, w_in], f"{ctx.description}: nn input is not 2 x {c} features")
+        return
+    pos = np.arange(c)
+    ctx.link(feat, pos, w_in, pos)
+    ctx.link(feat, pos, w_in, pos + c)
 
 
 def edge_conv_rule(ctx: RuleContext) -> None:
-    """EdgeConv: out_i = max_j nn([x_i, x_j - x_i]); feature c of x feeds inputs c and C + c of nn."""
-    x, out = _features(ctx)
-    if x is None:
-        return
-    _break_graph_axes(ctx, x, out)
-    _aggregation_ok(ctx, ctx.module, x, out)
-    c = ctx.size(x[-1])
-
-    def first_link(ctx: RuleContext, w_in: int) -> None:
-        if ctx.size(w_in) != 2 * c:
-            ctx.breaks([x[-1], w_in], f"{ctx.description}: nn input is not 2 x {c} features")
-            return
-        pos = np.arange(c)
-        ctx.link(x[-1], pos, w_in, pos)
-        ctx.link(x[-1], pos, w_in, pos + c)
-
-    last = _mlp(ctx, "nn", ctx.module.nn, x[-1], first_link)
-    if last is None:
-        ctx.breaks([x[-1], out[-1]], f"{ctx.description}: its nn ({type(ctx.module.nn).__name__}) is not a "
-                                     f"sequence of Linear, norm and elementwise layers")
-        return
-    ctx.same(last, out[-1])
+    """EdgeConv: out_i = max_j nn([x_i, x_j - x_i])."""
+    _nn_layer(ctx, _edge_conv_input)
 
 
 def gat_conv_rule(ctx: RuleContext) -> None:

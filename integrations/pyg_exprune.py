@@ -33,7 +33,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
 from fxprune.errors import ConfigError, WrapError
 from fxprune.exprune.config import ExPruneConfig
-from fxprune.exprune.inject import ChainNode, _Ref
+from fxprune.exprune.inject import ChainNode, _map_refs, _Ref
 from fxprune.exprune.ops import ENPOp
 from fxprune.exprune.runtime import ExPruneRuntime
 
@@ -365,18 +365,13 @@ def strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
         inputs = {"x": node.args[0], **{k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}}
         created: list[fx.Node] = []
 
-        def resolve(value):
-            if isinstance(value, _Ref):
-                return created[value.key] if value.kind == "node" else inputs[value.key]
-            if isinstance(value, (tuple, list)):
-                return type(value)(resolve(v) for v in value)
-            if isinstance(value, dict):
-                return {k: resolve(v) for k, v in value.items()}
-            return value
+        def resolve(ref: _Ref):
+            return created[ref.key] if ref.kind == "node" else inputs[ref.key]
 
         with graph.inserting_before(node):
             for spec in op.chain:
-                new = graph.create_node(spec.op, spec.target, resolve(spec.args), resolve(spec.kwargs), name=spec.name)
+                new = graph.create_node(spec.op, spec.target, _map_refs(spec.args, resolve), _map_refs(spec.kwargs, resolve),
+                                        name=spec.name)
                 new.meta = dict(spec.meta)
                 created.append(new)
         node.replace_all_uses_with(created[-1])

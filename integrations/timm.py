@@ -8,8 +8,10 @@ leaves so that their weight stays one gateable parameter.
 
 Rules: norm + activation layers (``BatchNormAct2d`` and friends) act like BatchNorm followed by
 their (elementwise) activation; same-padding and weight-standardized convs act like convs (the
-standardization reduces over input channels: exchangeable, not prunable); VGG's ``ConvMlp`` and
-the Fourier position encodings link their boundary channels to the parameters that produce them.
+standardization reduces over input channels: exchangeable, not prunable); ``BlurPool2d`` (a leaf
+here, so its fixed filter is not mistaken for a weight) passes channels through; VGG's ``ConvMlp``
+and the Fourier position encodings link their boundary channels to the parameters that produce
+them; timm's opaque window/grid reversal functions pass the channel axis through.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from fxprune.capture import LeafPolicy, register_capture_hook
 __all__ = ["create_model", "leaf_policy", "reset_eval_caches", "TRACE_THROUGH", "EXTRA_LEAVES"]
 
 
-def _timm_class(module: str, name: str) -> type | None:
-    """A timm class by module path and name, or None in a timm version without it."""
+def _timm_class(module: str, name: str):
+    """A timm class (or function) by module path and name, or None in a timm version without it."""
     try:
         mod = import_module(module)
     except ImportError:
@@ -47,9 +49,10 @@ TRACE_THROUGH: set[type] = {c for c in (
     _timm_class("timm.models.nfnet", "NormFreeBlock"),
     _timm_class("timm.models.lowformer", "ConvAttention"),
 ) if c is not None}
-# Traced, these become reshape + functional batch_norm + functional conv on a computed weight:
-# as leaves their weight stays a parameter that Hyperflux can gate and the rules below see.
-EXTRA_LEAVES: set[type] = {_std_conv.StdConv2d, _std_conv.ScaledStdConv2d}
+# Traced, the weight-standardized convs become reshape + functional batch_norm + functional conv on
+# a computed weight: as leaves their weight stays a parameter that Hyperflux can gate and the rules
+# below see. BlurPool2d's fixed binomial filter (a buffer) would look like a depthwise conv weight.
+EXTRA_LEAVES: set[type] = {_std_conv.StdConv2d, _std_conv.ScaledStdConv2d, timm.layers.BlurPool2d}
 
 
 def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
@@ -166,6 +169,57 @@ def fourier_position_rule(ctx: RuleContext) -> None:
     ctx.breaks([out[0]] + out[2:] + w[1:], f"{ctx.description}: fixed position features")
 
 
+def blur_pool_rule(ctx: RuleContext) -> None:
+    """BlurPool2d: the same fixed low-pass filter on every channel, then subsampling."""
+    x, out, filt = ctx.in_axes(0, "x"), ctx.out, ctx.param("filt")
+    if x is None or out is None or len(x) != 4 or len(out) != 4:
+        ctx.break_all(f"{ctx.description}: expects (N, C, H, W)")
+        return
+    ctx.same(x[0], out[0])
+    ctx.same(x[1], out[1])
+    ctx.breaks(x[2:] + out[2:], f"{ctx.description}: spatial axis")
+    if filt is not None and ctx.size(filt[0]) == ctx.size(out[1]):
+        ctx.same(out[1], filt[0])  # one (identical) filter row per channel: kept in step when slicing
+
+
+def channel_passthrough(in_dim: int, out_dim: int):
+    """Rule of a function that only moves data along the other axes of its first argument (window /
+    grid / block reversal): that argument's channel axis ``in_dim`` is the output's ``out_dim``."""
+
+    def rule(ctx: RuleContext) -> None:
+        x, out = ctx.in_axes(0), ctx.out
+        if x is None or out is None:
+            ctx.break_all(f"{ctx.description}: unexpected arguments")
+            return
+        ctx.same(x[in_dim], out[out_dim])
+        reason = f"{ctx.description}: rearranges positions"
+        ctx.breaks([a for d, a in enumerate(x) if d != in_dim % len(x)], reason)
+        ctx.breaks([a for d, a in enumerate(out) if d != out_dim % len(out)], reason)
+
+    return rule
+
+
+# timm functions registered with register_notrace_function (kept opaque by the trace) that only
+# rearrange positions: (module, name, channel dim of the input, channel dim of the output)
+_REARRANGING_FUNCTIONS = [
+    ("timm.models.swin_transformer", "window_reverse", -1, -1),
+    ("timm.models.swin_transformer_v2", "window_reverse", -1, -1),
+    ("timm.models.swin_transformer_v2_cr", "window_reverse", -1, -1),
+    ("timm.models.maxxvit", "window_reverse", -1, -1),
+    ("timm.models.maxxvit", "grid_reverse", -1, -1),
+    ("timm.models.maxxvit", "window_reverse_nchw", 1, 1),
+    ("timm.models.maxxvit", "grid_reverse_nchw", 1, 1),
+    ("timm.models.gcvit", "window_reverse", -1, -1),
+    ("timm.models.davit", "window_reverse", -1, -1),
+    ("timm.models.nest", "deblockify", -1, -1),
+]
+
+
+register_rule(timm.layers.BlurPool2d, blur_pool_rule)
+for _module, _name, _in, _out in _REARRANGING_FUNCTIONS:
+    _fn = _timm_class(_module, _name)
+    if _fn is not None:
+        register_rule(_fn, channel_passthrough(_in, _out))
 register_rule(_norm_act.BatchNormAct2d, norm_act_rule)
 register_rule(_norm_act.SyncBatchNormAct, norm_act_rule)
 register_rule(_norm_act.FrozenBatchNormAct2d, norm_act_rule)

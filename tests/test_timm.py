@@ -198,3 +198,29 @@ def test_eval_attention_bias_caches_survive_analyze_then_wrap():
     wrapped = fxprune.wrap(model, x)  # traces a deep copy of the model analyze traced
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), expected)
+
+
+class _BlurRollNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.blur = timm.layers.BlurPool2d(8, filt_size=3, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.blur(torch.relu(self.stem(x)))
+        return self.head(torch.roll(x, shifts=(1, 2), dims=(2, 3)))
+
+
+def test_blur_pool_filter_is_not_a_weight_and_roll_keeps_channels():
+    model, x = _BlurRollNet().eval(), torch.randn(2, 3, 16, 16)
+    randomize_(model)
+    a = fxprune.analyze(model, x)
+    assert not a.unknown_ops
+    assert [t.key for t in a.gate_targets] == ["stem.weight", "head.weight"]
+    (space,) = a.spaces_of("stem.weight", 0)
+    assert space.exchangeable and space.prunable and space.member("blur.filt", 0) and space.member("head.weight", 1)
+    _assert_symmetries(model, x, a)
+    wrapped = fxprune.wrap(model, x, hyperflux=fxprune.HyperfluxConfig(0.5, granularity="channel", pruning_steps=10))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.eval()(x), model(x))

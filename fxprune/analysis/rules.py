@@ -578,6 +578,26 @@ def sdpa_rule(ctx: RuleContext) -> None:
         ctx.breaks([q[-2], k[-2]], f"{ctx.description}: causal mask is position-specific")
 
 
+def roll_rule(ctx: RuleContext) -> None:
+    """torch.roll(input, shifts, dims): rolled axes are position-specific, the others pass through."""
+    x, out, dims = ctx.in_axes(0, "input"), ctx.out, ctx.arg(2, "dims")
+    if x is None or out is None or len(x) != len(out):
+        ctx.break_all(f"{ctx.description}: unexpected arguments")
+        return
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):  # flattened roll: every axis
+        rolled = set(range(len(x)))
+    elif isinstance(dims, int) or (isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims)):
+        rolled = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
+    else:
+        ctx.break_all(f"{ctx.description}: non-constant dims")
+        return
+    for d in range(len(x)):
+        if d in rolled:
+            ctx.breaks([x[d], out[d]], f"{ctx.description}: rolled axis")
+        else:
+            ctx.same(x[d], out[d])
+
+
 def pad_rule(ctx: RuleContext) -> None:
     x, out = ctx.in_axes(0, "input"), ctx.out
     pad = ctx.arg(1, "pad")
@@ -876,6 +896,8 @@ register_rule(F.scaled_dot_product_attention, sdpa_rule)
 for _f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize):
     register_rule(_f, softmax_like)
 register_rule(F.pad, pad_rule)
+register_rule(torch.roll, roll_rule)
+register_rule("roll", roll_rule)
 for _f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
            F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
            F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate):
