@@ -14,8 +14,9 @@ A site is a conv -> [Identity/Dropout]* -> [BatchNorm (eval)] -> [Identity/Dropo
 whose conv reduces over one exchangeable space, called on a 2-D feature tensor and a plain
 ``edge_index`` tensor (not SparseTensor).
 
-Use: ``model = fxprune.wrap(gnn, (x, edge_index))`` then
-``fxprune.integrations.pyg.apply_exprune(model, fxprune.ExPruneConfig(...))``.
+Use: ``fxprune.integrations.pyg.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))``.
+The ops record the replaced chain (``op.chain``) in the core's format, so
+``fxprune.exprune.strip_exprune`` and ``fxprune.export`` restore the dense layers.
 """
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
 from fxprune.errors import ConfigError, WrapError
 from fxprune.exprune.config import ExPruneConfig
-from fxprune.exprune.inject import ChainNode, _map_refs, _Ref
+from fxprune.exprune.inject import ChainNode, _Ref
 from fxprune.exprune.ops import ENPOp
 from fxprune.exprune.runtime import ExPruneRuntime
 
-__all__ = ["MessagePassingENPOp", "find_sites", "apply_exprune", "strip_exprune", "LAYERS"]
+__all__ = ["MessagePassingENPOp", "find_sites", "apply_exprune", "LAYERS"]
 
 OP_ATTR = "exprune"
 # layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
@@ -353,34 +354,3 @@ def _inject(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneConfig
     for node in reversed(chain):
         graph.erase_node(node)
     return op
-
-
-def strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
-    """Put the original layer -> ... -> ReLU chains back in place of every PyG ExPrune op (mutates gm)."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MessagePassingENPOp):
-            continue
-        op = gm.get_submodule(node.target)
-        inputs = {"x": node.args[0], **{k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}}
-        created: list[fx.Node] = []
-
-        def resolve(ref: _Ref):
-            return created[ref.key] if ref.kind == "node" else inputs[ref.key]
-
-        with graph.inserting_before(node):
-            for spec in op.chain:
-                new = graph.create_node(spec.op, spec.target, _map_refs(spec.args, resolve), _map_refs(spec.kwargs, resolve),
-                                        name=spec.name)
-                new.meta = dict(spec.meta)
-                created.append(new)
-        node.replace_all_uses_with(created[-1])
-        attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
-        graph.erase_node(node)
-        for a in attrs:
-            if not a.users:
-                graph.erase_node(a)
-        owner, _, attr = node.target.rpartition(".")
-        delattr(gm.get_submodule(owner), attr)
-    gm.recompile()
-    return gm

@@ -9,7 +9,8 @@ pytest.importorskip("torch_geometric")
 
 import fxprune  # noqa: E402
 from fxprune.integrations import pyg  # noqa: E402
-from fxprune.integrations.pyg_exprune import MessagePassingENPOp, strip_exprune  # noqa: E402
+from fxprune.exprune import strip_exprune  # noqa: E402
+from fxprune.integrations.pyg_exprune import MessagePassingENPOp  # noqa: E402
 from permutation import randomize_  # noqa: E402
 from torch_geometric.nn import GCNConv, GraphConv, SAGEConv  # noqa: E402
 from torch_geometric.nn.models import GCN, GraphSAGE  # noqa: E402
@@ -173,12 +174,15 @@ def test_safe_settings_preserve_outputs_and_thresholds_save_macs():
     assert 0 < saved[0] <= saved[1] <= saved[2]  # monotonic in T
 
 
-def test_strip_restores_the_dense_graph():
-    model, wrapped, inputs = _wrapped(SAGEConv(40, 24), threshold="median")
+def test_core_strip_and_export_restore_the_dense_layers():
+    model, wrapped, inputs = _wrapped(SAGEConv(40, 24), True, threshold="median")
+    exported = fxprune.export(wrapped, inputs)
+    assert not any(isinstance(m, MessagePassingENPOp) for m in exported.modules())
     strip_exprune(wrapped)
     assert not any(isinstance(m, MessagePassingENPOp) for m in wrapped.modules())
     with torch.no_grad():
         torch.testing.assert_close(wrapped(*inputs), model(*inputs))
+        torch.testing.assert_close(exported(*inputs), model(*inputs))
 
 
 def test_errors_name_the_problem():
