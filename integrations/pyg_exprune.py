@@ -38,7 +38,7 @@ from fxprune.exprune.inject import ChainNode, _Ref
 from fxprune.exprune.ops import ENPOp
 from fxprune.exprune.runtime import ExPruneRuntime
 
-__all__ = ["MessagePassingENPOp", "find_sites", "apply_exprune", "LAYERS"]
+__all__ = ["MessagePassingENPOp", "find_sites", "inject_site", "apply_exprune", "LAYERS"]
 
 OP_ATTR = "exprune"
 # layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
@@ -304,7 +304,7 @@ def apply_exprune(model: nn.Module, config: ExPruneConfig) -> ExPruneRuntime:
         elif site.n <= config.k:
             skipped[site.name] = f"n = {site.n} <= k = {config.k}: no terms left to skip"
         else:
-            ops[site.name] = _inject(gm, site, modules, config)
+            ops[site.name] = inject_site(gm, site, modules, config)
     gm.recompile()
     runtime = controller.exprune
     if runtime is not None:
@@ -314,7 +314,8 @@ def apply_exprune(model: nn.Module, config: ExPruneConfig) -> ExPruneRuntime:
     return controller.exprune
 
 
-def _inject(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneConfig) -> MessagePassingENPOp:
+def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneConfig) -> MessagePassingENPOp:
+    """Replace the chain of one PyG site with a MessagePassingENPOp registered at ``<layer>.exprune``."""
     nodes = {n.name: n for n in gm.graph.nodes}
     first = nodes[site.node]
     conv = modules[site.name]
