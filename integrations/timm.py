@@ -19,6 +19,8 @@ import difflib
 from importlib import import_module
 from typing import Any
 
+import numpy as np
+
 import timm
 from timm.layers import activations as _acts
 from timm.layers import activations_me as _acts_me
@@ -199,6 +201,48 @@ def channel_passthrough(in_dim: int, out_dim: int):
     return rule
 
 
+def _conv_norm_act(ctx: RuleContext, path: str, channels: int) -> bool:
+    """Link the output channels of a timm ConvNormAct at ``path`` (conv weight/bias, BN, elementwise act)."""
+    m = ctx.module.get_submodule(path)
+    if not isinstance(getattr(m, "conv", None), nn.Conv2d) or not isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+        return False
+    if not all(_is_elementwise(getattr(m.bn, n)) for n in ("drop", "act") if hasattr(m.bn, n)):
+        return False
+    if getattr(m, "aa", None) is not None and not isinstance(m.aa, nn.Identity):
+        return False
+    for name in ("conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        p = ctx.param(f"{path}.{name}")
+        if p is not None:
+            ctx.same(channels, p[0])
+    return True
+
+
+def mobilevit_block_rule(ctx: RuleContext) -> None:
+    """MobileViT (v1, v2) block: conv_kxk -> conv_1x1 -> transformer on unfolded patches -> conv_proj
+    [-> conv_fusion(cat(input, .))]. Only the boundary is followed: the input channels enter
+    conv_kxk (and conv_fusion's first inputs), the output channels are conv_fusion's (or conv_proj's)."""
+    m, x, out = ctx.module, ctx.in_axes(0, "x"), ctx.out
+    if x is None or out is None or len(x) != 4 or len(out) != 4:
+        ctx.break_all(f"{ctx.description}: expects (N, C, H, W)")
+        return
+    ctx.same(x[0], out[0])
+    ctx.breaks(x[2:] + out[2:], f"{ctx.description}: spatial axis (patches)")
+    conv = m.conv_kxk.conv
+    if conv.groups == 1:
+        ctx.same(x[1], ctx.param("conv_kxk.conv.weight")[1])
+    elif not (conv.groups == conv.in_channels == conv.out_channels and _conv_norm_act(ctx, "conv_kxk", x[1])):
+        ctx.breaks(x[1], f"{ctx.description}: grouped conv_kxk (groups={conv.groups})")
+    else:  # depthwise: the input channels run on into conv_1x1
+        ctx.same(x[1], ctx.param("conv_1x1.weight")[1])
+    fusion = getattr(m, "conv_fusion", None)
+    if fusion is not None:
+        c = ctx.size(x[1])
+        pos = np.arange(c)
+        ctx.link(x[1], pos, ctx.param("conv_fusion.conv.weight")[1], pos)  # cat((input, proj), dim=1)
+    if not _conv_norm_act(ctx, "conv_fusion" if fusion is not None else "conv_proj", out[1]):
+        ctx.breaks(out[1], f"{ctx.description}: unexpected output layer")
+
+
 # timm functions registered with register_notrace_function (kept opaque by the trace) that only
 # rearrange positions: (module, name, channel dim of the input, channel dim of the output)
 _REARRANGING_FUNCTIONS = [
@@ -216,6 +260,9 @@ _REARRANGING_FUNCTIONS = [
 
 
 register_rule(timm.layers.BlurPool2d, blur_pool_rule)
+for _cls in (_timm_class("timm.models.mobilevit", "MobileVitBlock"), _timm_class("timm.models.mobilevit", "MobileVitV2Block")):
+    if _cls is not None:
+        register_rule(_cls, mobilevit_block_rule)
 for _module, _name, _in, _out in _REARRANGING_FUNCTIONS:
     _fn = _timm_class(_module, _name)
     if _fn is not None:

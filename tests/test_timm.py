@@ -33,6 +33,7 @@ def _assert_symmetries(model, x, analysis) -> None:
     ("regnetx_002", 32, {}, 4),
     ("convnext_atto", 32, {}, 10),
     ("vit_tiny_patch16_224", 32, {"img_size": 32, "depth": 2}, 3),
+    ("mobilevitv2_050", 64, {}, 14),  # MobileVitV2Block leaf rule
 ])
 def test_real_models_exchangeable_spaces_are_symmetries(name, size, kwargs, min_exchangeable):
     model, x = _real(name, size, **kwargs)
