@@ -243,6 +243,36 @@ def mobilevit_block_rule(ctx: RuleContext) -> None:
         ctx.breaks(out[1], f"{ctx.description}: unexpected output layer")
 
 
+_TINY_VIT_CHANNEL_PARAMS = (  # (parameter, axis) on the residual channels of a TinyVitBlock
+    ("attn.norm.weight", 0), ("attn.norm.bias", 0), ("attn.qkv.weight", 1), ("attn.proj.weight", 0),
+    ("attn.proj.bias", 0), ("local_conv.conv.weight", 0), ("local_conv.bn.weight", 0), ("local_conv.bn.bias", 0),
+    ("local_conv.bn.running_mean", 0), ("local_conv.bn.running_var", 0), ("mlp.norm.weight", 0),
+    ("mlp.norm.bias", 0), ("mlp.fc1.weight", 1), ("mlp.fc2.weight", 0), ("mlp.fc2.bias", 0),
+)
+
+
+def tiny_vit_block_rule(ctx: RuleContext) -> None:
+    """TinyViT block on (B, H, W, C): x + attn(norm(x)) in windows, depthwise local conv + BN,
+    x + mlp(norm(x)). The C channels are one residual stream; the LayerNorms reduce across it."""
+    m, x, out = ctx.module, ctx.in_axes(0, "x"), ctx.out
+    if x is None or out is None or len(x) != 4 or len(out) != 4:
+        ctx.break_all(f"{ctx.description}: expects (B, H, W, C)")
+        return
+    ctx.same(x[0], out[0])
+    ctx.breaks(x[1:3] + out[1:3], f"{ctx.description}: spatial axis (windows)")
+    ctx.same(x[3], out[3])
+    conv = m.local_conv.conv
+    if conv.groups != conv.in_channels or not isinstance(m.local_conv.bn, nn.BatchNorm2d) or \
+            not _is_elementwise(m.mlp.act):
+        ctx.breaks(out[3], f"{ctx.description}: unexpected layers")
+        return
+    for name, axis in _TINY_VIT_CHANNEL_PARAMS:
+        p = ctx.param(name)
+        if p is not None:
+            ctx.same(out[3], p[axis])
+    ctx.reduces(out[3], f"{ctx.description}: LayerNorm across the channels")
+
+
 # timm functions registered with register_notrace_function (kept opaque by the trace) that only
 # rearrange positions: (module, name, channel dim of the input, channel dim of the output)
 _REARRANGING_FUNCTIONS = [
@@ -260,6 +290,8 @@ _REARRANGING_FUNCTIONS = [
 
 
 register_rule(timm.layers.BlurPool2d, blur_pool_rule)
+if _timm_class("timm.models.tiny_vit", "TinyVitBlock") is not None:
+    register_rule(_timm_class("timm.models.tiny_vit", "TinyVitBlock"), tiny_vit_block_rule)
 for _cls in (_timm_class("timm.models.mobilevit", "MobileVitBlock"), _timm_class("timm.models.mobilevit", "MobileVitV2Block")):
     if _cls is not None:
         register_rule(_cls, mobilevit_block_rule)
