@@ -63,8 +63,9 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
 
     Args:
         model: a model with ExPrune ops (``fxprune.wrap(..., exprune=ExPruneConfig(...))``).
-        batches: calibration inputs, iterated once: each item is the model's input (a tensor or a
-            tuple of positional inputs) or ``(inputs, target)``; targets are not used.
+        batches: calibration inputs, iterated once: each item is a tensor (the only input), a pair
+            ``(inputs, target)`` (targets are not used) or a tuple of positional inputs of another
+            length; inputs of a two-input model go as ``((x1, x2), target)``.
         metric_fn: ``metric_fn(model) -> float``, higher is better (e.g. accuracy as a fraction on
             the calibration set). Called at most ``max_evals + 1`` times.
         max_drop: allowed metric drop from the dense model, in the metric's units.
@@ -95,9 +96,11 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     penalty = _Flips(tables, margins, smoothing) if margins is not None else _Quadratic(tables)
     path, predicted = _greedy_path(tables, penalty)
 
+    floor = dense - max_drop - 1e-9 * max(1.0, abs(dense))  # a drop of exactly max_drop is allowed
+
     def feasible(position: int) -> bool:
         _apply(ops, _allocation(path, position, tables))
-        return float(metric_fn(model)) >= dense - max_drop
+        return float(metric_fn(model)) >= floor
 
     lo, hi = 0, len(path) + 1  # lo: measured feasible (dense); hi: measured infeasible, or past the end
     first = (lo + hi) // 2
