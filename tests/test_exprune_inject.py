@@ -171,3 +171,26 @@ def test_compile_has_no_graph_breaks_and_thresholds_do_not_recompile():
     out = compiled(x)
     assert counter.frame_count == 1
     assert torch.allclose(out, gm(x), atol=1e-6) and rt.stats()["total"]["predicted"] > 0
+
+
+def test_composes_with_hyperflux_zero_weights_are_free():
+    """ExPrune on a Hyperflux-wrapped model: closed gates zero weights; the op reads the gated weight
+    and counts only non-zero weights."""
+    model = bn_stats(ToyResNet())
+    x = torch.randn(2, 3, 5, 5)
+    wrapped = fxprune.wrap(model, x, hyperflux=fxprune.HyperfluxConfig(0.5, pruning_steps=10),
+                           exprune=ExPruneConfig(k=4))
+    wrapped.eval()
+    gates = {g.name: g for g in wrapped.fxprune.hyperflux.gates}
+    score = gates["layer.0.conv2.weight"].score
+    with torch.no_grad():
+        score.copy_(torch.where(torch.rand_like(score) > 0.5, 1.0, -1.0))  # close about half the weights
+    kept = (score >= 0).float()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.layer[0].conv2.weight.mul_(kept)
+    rt = wrapped.fxprune.exprune
+    rt.reset_stats()
+    assert torch.allclose(wrapped(x), reference(x), atol=1e-5)
+    s = rt.stats()["sites"]["layer.0.conv2"]
+    assert s["static_macs"] == 2 * 25 * int(kept.sum()) < s["dense_macs"]
