@@ -184,8 +184,16 @@ class RuleContext:
         if self.out is not None:
             self.breaks(self.out, reason)
         for item in self.out_items:
-            if item is not None:
-                self.breaks(item, reason)
+            self.breaks(_flat_axes(item), reason)
+
+
+def _flat_axes(value) -> list[int]:
+    """Axis ids of a (possibly nested) tuple output, flattened."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [a for v in value for a in _flat_axes(v)]
 
 
 def _as_list(x) -> list:
@@ -572,8 +580,10 @@ def sdpa_rule(ctx: RuleContext) -> None:
             ctx.same(src[d], out[d])
     mask = ctx.in_axes(3, "attn_mask")
     if mask is not None:
-        ctx.breaks(mask, f"{ctx.description}: attention mask is position-specific")
-        ctx.breaks([q[-2], k[-2]], f"{ctx.description}: attention mask is position-specific")
+        # a mask (or relative-position bias) is indexed by head and token: break all of them
+        reason = f"{ctx.description}: attention mask/bias is position-specific"
+        ctx.breaks(mask, reason)
+        ctx.breaks(q[:-1] + k[:-1] + v[:-1] + out[:-1], reason)
     if ctx.arg(5, "is_causal", False):
         ctx.breaks([q[-2], k[-2]], f"{ctx.description}: causal mask is position-specific")
 
@@ -726,8 +736,12 @@ def batchnorm_module_rule(ctx: RuleContext) -> None:
 
 
 def batchnorm_function_rule(ctx: RuleContext) -> None:
-    _channel_affine(ctx, ctx.in_axes(0, "input"), ctx.out,
+    x = ctx.in_axes(0, "input")
+    _channel_affine(ctx, x, ctx.out,
                     [ctx.in_axes(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))])
+    uses_batch_stats = ctx.arg(5, "training", False) or ctx.in_axes(1, "running_mean") is None
+    if x is not None and uses_batch_stats:  # statistics over every non-channel axis
+        ctx.reduces([a for d, a in enumerate(x) if d != 1], f"{ctx.description} normalizes with batch statistics")
 
 
 def _layer_norm_core(ctx, x, out, n_norm: int, params) -> None:

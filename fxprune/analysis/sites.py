@@ -121,9 +121,13 @@ def is_transparent(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_function" and node.target in (F.dropout,)
 
 
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def is_batchnorm(node: fx.Node, modules: dict) -> bool:
+    """A plain BatchNorm with running statistics (fused norm+act subclasses are not foldable)."""
     m = _module(modules, node)
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    return type(m) in _PLAIN_BATCHNORMS and m.track_running_stats
 
 
 def is_add(node: fx.Node) -> bool:
@@ -166,13 +170,12 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 def find_sites(gm: fx.GraphModule, builder: SpaceBuilder, spaces: list[Space]):
     """Return (sites, rejected, gate_targets) and annotate the conv/linear nodes."""
-    modules = dict(gm.named_modules())
-    state = dict(gm.named_parameters())
-    state.update(dict(gm.named_buffers()))
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    state = dict(gm.named_parameters(remove_duplicate=False))
     sites: list[Site] = []
     rejected: list[Rejected] = []
     gates: list[GateTarget] = []
-    seen_keys: set[str] = set()
+    seen_keys: set[int] = set()
     for node in gm.graph.nodes:
         kind = conv_or_linear(node, modules)
         if kind is None:
@@ -181,8 +184,8 @@ def find_sites(gm: fx.GraphModule, builder: SpaceBuilder, spaces: list[Space]):
         weight = state.get(key) if key is not None else None
         name = node.target if node.op == "call_module" else node.name
         macs = dense_macs(node, op, tuple(weight.shape)) if weight is not None else 0
-        if weight is not None and key not in seen_keys:
-            seen_keys.add(key)
+        if weight is not None and id(weight) not in seen_keys:  # tied weights: one target
+            seen_keys.add(id(weight))
             gates.append(GateTarget(key, key.rsplit(".", 1)[0] if "." in key else "", op, tuple(weight.shape), macs))
         site, reason = _match_site(node, op, key, weight, modules, builder, spaces, macs)
         if site is not None:

@@ -171,7 +171,7 @@ class SpaceBuilder:
 
     # -- walk ----------------------------------------------------------------------------
     def build(self) -> None:
-        modules = dict(self.gm.named_modules())
+        modules = dict(self.gm.named_modules(remove_duplicate=False))
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self._mark_io(node.args[0], f"touches the model output")
