@@ -14,7 +14,6 @@ from typing import Any
 
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ConfigError, WrapError
 from .config import ExPruneConfig
@@ -72,7 +71,7 @@ def apply_exprune(gm: fx.GraphModule, analysis, config: ExPruneConfig) -> ExPrun
     skipped: dict[str, str] = {}
     for site in analysis.sites:
         reason = _skip_reason(site, config, calls)
-        chain = None if reason else _chain(site, nodes, modules)
+        chain = None if reason else _chain(site, nodes)
         if isinstance(chain, str):
             reason = chain
         if reason:
@@ -108,7 +107,7 @@ def _skip_reason(site, config: ExPruneConfig, calls: dict[str, int]) -> str:
     return ""
 
 
-def _chain(site, nodes: dict, modules: dict) -> list[fx.Node] | str:
+def _chain(site, nodes: dict) -> list[fx.Node] | str:
     """The chain's nodes in order (conv/linear first), or the reason it cannot be replaced."""
     first = nodes[site.node]
     members = {site.node, site.act, site.add, *site.skipped} - {None}
