@@ -261,7 +261,7 @@ def _match_site(node, op, key, weight, modules, builder, spaces, macs):
     if nxt is None:
         if len(cur.users) == 0:
             return None, "output is unused"
-        if all(u.op == "output" for u in cur.users) or _feeds_output(cur):
+        if all(u.op == "output" for u in cur.users):
             return _head(common, skipped, op)
         return None, f"output has {len(cur.users)} users"
     while nxt is not None and is_transparent(nxt, modules):
@@ -298,10 +298,6 @@ def _match_site(node, op, key, weight, modules, builder, spaces, macs):
     parts.append("relu")
     return Site(kind="enp", pattern="-".join(parts), bn=bn, add=add, residual=residual, act=nxt.name,
                 skipped=skipped, **common), ""
-
-
-def _feeds_output(node: fx.Node) -> bool:
-    return any(u.op == "output" for u in node.users)
 
 
 def _head(common: dict, skipped: list[str], op: str):
