@@ -188,10 +188,6 @@ def test_pyg_model_json_total_equals_library(capsys):
 
 
 def test_exprune_threshold_wraps_the_model(capsys, models_file):
-    try:
-        fxprune.ExPruneConfig
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"ExPrune not available yet: {exc}")
     spec = f"{models_file}:make"
     code, out, err = run_main(capsys, "flops", spec, "--input-shape", "2,3,8,8", "--exprune-threshold", "-inf",
                               "--format", "json")

@@ -228,12 +228,7 @@ def test_only_innermost_exprune_ops_are_read():
 
 
 def test_wrapped_model_that_prunes_nothing():
-    if not hasattr(fxprune, "wrap"):
-        pytest.skip("fxprune.wrap not available")
-    try:
-        config = fxprune.ExPruneConfig()
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"ExPrune not available yet: {exc}")
+    config = fxprune.ExPruneConfig()
     model = _toy()
     x = torch.randn(2, 3, 8, 8)
     wrapped = fxprune.wrap(model, x, exprune=config)
@@ -244,10 +239,7 @@ def test_wrapped_model_that_prunes_nothing():
 
 
 def test_hyperflux_gates_close_weights():
-    try:
-        config = fxprune.HyperfluxConfig(0.5, pruning_steps=10)
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"Hyperflux not available yet: {exc}")
+    config = fxprune.HyperfluxConfig(0.5, pruning_steps=10)
     model = _toy()
     x = torch.randn(2, 3, 8, 8)
     wrapped = fxprune.wrap(model, x, hyperflux=config)
