@@ -1,6 +1,7 @@
 """``fxprune.wrap``: the one-line entry point (capture -> analysis -> transforms -> runtime -> compile)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any, Sequence
@@ -116,16 +117,13 @@ def _eval_outputs(gm: nn.Module, inputs: tuple):
 
 def _verify_unpruned(gm: nn.Module, inputs: tuple, reference, exprune_rt) -> None:
     """The wrapped model with nothing pruned must reproduce the original outputs."""
-    saved = exprune_rt.safe_settings() if exprune_rt is not None and hasattr(exprune_rt, "safe_settings") else None
+    safe = exprune_rt.safe_settings() if exprune_rt is not None else contextlib.nullcontext()
     try:
-        if saved is not None:
-            saved.__enter__()
-        outputs = _eval_outputs(gm, inputs)
+        with safe:
+            outputs = _eval_outputs(gm, inputs)
     finally:
-        if saved is not None:
-            saved.__exit__(None, None, None)
-        if exprune_rt is not None and hasattr(exprune_rt, "reset_stats"):
-            exprune_rt.reset_stats()
+        if exprune_rt is not None:
+            exprune_rt.reset_stats()  # the check's forward must not count in the statistics
     for ref, out in zip(_flat_tensors(reference), _flat_tensors(outputs)):
         if ref.shape != out.shape or not _close(ref, out):
             diff = (ref.float() - out.float()).abs().max().item() if ref.shape == out.shape else float("nan")
