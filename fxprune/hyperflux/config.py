@@ -1,7 +1,8 @@
 """HyperfluxConfig: the knobs of training-time L0 pruning (arXiv 2504.05349).
 
 Units: sparsities and densities are fractions in [0, 1] (0.9 = 90 % pruned); durations are
-optimiser steps (calls of ``model.fxprune.step()``). Defaults follow the authors' code.
+optimiser steps (calls of ``model.fxprune.step()``). Defaults follow the authors' code, except
+``exact_target`` (fxprune's own final correction, on by default; see its description).
 """
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ class HyperfluxConfig:
             (the paper's "aggressivity", 6).
         weight_by: how pressure and density count: "params" (each gated weight counts 1) or
             "macs" (each weight counts the multiply-adds it takes part in; a FLOPs target).
+        exact_target: when the gates freeze (end of pruning + regrowth), move the fewest gates
+            needed to put the density on the target: reopen the closed gates with the highest
+            scores, or close the open ones with the lowest (``HyperfluxRuntime.correct_density``).
+            Not in the paper, whose controller only steers gamma: a score reacts to the pressure
+            only after ~gate_init / gate_lr steps and Adam's momentum keeps closing gates after
+            gamma falls, so on short schedules the density ends a few points off the target
+            (usually below it: too sparse). The gates' own ranking chooses which weights move, so
+            this is the move the gates would make next. False: the paper's behaviour.
         filter: ``filter(GateTarget) -> bool`` chooses the conv/linear weights to gate. None: every
             conv/linear weight (stem and classifier included) for CNNs; for ViT-like models (an
             ``attn.qkv`` linear exists) only the attention qkv/proj and MLP fc1/fc2 linears. With
@@ -68,6 +77,7 @@ class HyperfluxConfig:
     pressure_exponent: float = 1.5
     trajectory_steepness: float = 6.0
     weight_by: str = "params"
+    exact_target: bool = True
     filter: Optional[Callable] = None
     seed: int = 0
 
@@ -90,6 +100,8 @@ class HyperfluxConfig:
             raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
         _gate_init(self.gate_init)
         _choice("weight_by", self.weight_by, WEIGHTINGS)
+        if not isinstance(self.exact_target, bool):
+            raise ConfigError(f"HyperfluxConfig.exact_target must be True or False, got {self.exact_target!r}")
         if self.filter is not None and not callable(self.filter):
             raise ConfigError(f"HyperfluxConfig.filter must be a callable(GateTarget) -> bool or None, "
                               f"got {type(self.filter).__name__}")

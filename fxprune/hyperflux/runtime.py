@@ -23,6 +23,7 @@ from .scheduler import PressureScheduler
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+CLOSED_SCORE = -torch.finfo(torch.float32).tiny  # where correct_density() puts a gate it closes: just below 0
 
 
 @dataclass
@@ -77,6 +78,7 @@ class HyperfluxRuntime(nn.Module):
         self.example_inputs = example_inputs
         self.scheduler = PressureScheduler(config)
         self._history: list[dict] = []
+        self.correction: dict | None = None  # what correct_density() did when the gates froze
         self.total_cost = float(sum(t.numel * t.cost for t in tensors))
 
     # -- the user's call -----------------------------------------------------------------
@@ -103,7 +105,61 @@ class HyperfluxRuntime(nn.Module):
             self._history.append({"step": sched.steps, "gamma": sched.gamma, "gamma_eff": sched.gamma_eff,
                                   "density": density, "target": sched.target()})
         if sched.phase() == "frozen":
+            if self.config.exact_target and self.correction is None:
+                self.correct_density()
             self._set_trainable(False)
+
+    @torch.no_grad()
+    def correct_density(self, target: float | None = None) -> dict:
+        """Move the fewest gates needed to bring the density as close to ``target`` as the gates'
+        granularity allows (default: the config's target density); done once, automatically, when
+        the gates freeze if ``config.exact_target`` (the default).
+
+        Below the target, the closed gates with the highest scores reopen (score set to 0, which
+        counts as open); above it, the open gates with the lowest scores close (score set just
+        below 0). A score integrates the gate's flux minus the pressure it felt, so the highest
+        closed scores are the gates whose flux argued longest for their weights, i.e. those the
+        gates themselves would reopen first; the lowest open ones, those they would close next.
+        How many: a bisection over that order on the real density (monotone in the number of
+        gates moved), so channel gates and MAC weighting are handled exactly.
+
+        Returns (and stores as ``self.correction``): step, density_before, density_after,
+        reopened, closed (gate counts).
+        """
+        target = self.config.target_density if target is None else float(target)
+        before = self.density()
+        scores = [g.score for g in self.gates]
+        flat = torch.cat([s.detach().flatten() for s in scores]) if scores else torch.zeros(0)
+        reopen = before < target
+        candidates = (flat < 0).nonzero().flatten() if reopen else (flat >= 0).nonzero().flatten()
+        order = candidates[torch.sort(flat[candidates], descending=reopen, stable=True).indices]
+        value = 0.0 if reopen else CLOSED_SCORE
+
+        def density_after(k: int) -> float:
+            moved = flat.clone()
+            moved[order[:k]] = value
+            for s, chunk in zip(scores, moved.split([s.numel() for s in scores])):
+                s.copy_(chunk.view_as(s))
+            return self.density()
+
+        def reached(d: float) -> bool:
+            return d >= target if reopen else d <= target
+
+        low, high = 0, len(order)  # smallest k that reaches the target lies in [low, high]
+        if before != target and reached(density_after(high)):
+            while low < high:
+                mid = (low + high) // 2
+                if reached(density_after(mid)):
+                    high = mid
+                else:
+                    low = mid + 1
+            if high > 0 and abs(density_after(high - 1) - target) < abs(density_after(high) - target):
+                high -= 1
+        k = high if before != target else 0
+        after = density_after(k)
+        self.correction = {"step": self.scheduler.steps, "density_before": before, "density_after": after,
+                           "reopened": k if reopen else 0, "closed": 0 if reopen else k}
+        return dict(self.correction)
 
     @torch.no_grad()
     def _complete_gradients(self, grad_scale: float | None) -> bool:
@@ -182,17 +238,63 @@ class HyperfluxRuntime(nn.Module):
         return [dict(h) for h in self._history]
 
     # -- state_dict ----------------------------------------------------------------------
-    def get_extra_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "history": self.history}
+    def get_extra_state(self) -> torch.Tensor:
+        """Scheduler state, final correction and history as one float64 tensor (see
+        :func:`encode_state`): a tensor, not a dict, so that ``torch.jit`` tracing of the wrapped
+        model (fvcore, ONNX) works; float64 holds the Python ints and floats exactly."""
+        return encode_state(self.scheduler.state_dict(), self.correction, self._history)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._history = [dict(h) for h in state["history"]]
+    def set_extra_state(self, state) -> None:
+        scheduler, correction, history = decode_state(state)
+        self.scheduler.load_state_dict(scheduler)
+        self.correction = correction
+        self._history = history
         self._set_trainable(self.scheduler.phase() != "frozen")
 
     def extra_repr(self) -> str:
         return (f"granularity={self.config.granularity}, gated_tensors={len(self.tensors)}, "
                 f"phase={self.phase}, step={self.steps}, gamma={self.gamma:.4g}")
+
+
+STATE_FORMAT = 2.0  # first element of the extra-state tensor (format 1: a dict, still loaded)
+HISTORY_KEYS = ("step", "gamma", "gamma_eff", "density", "target")
+CORRECTION_KEYS = ("step", "density_before", "density_after", "reopened", "closed")
+_INTEGER_KEYS = ("step", "steps", "updates", "reopened", "closed")
+
+
+def encode_state(scheduler: dict, correction: dict | None, history: list[dict]) -> torch.Tensor:
+    """``[format, scheduler fields..., 1 and the correction fields (0 and zeros before it),
+    history row by row]``
+    as a float64 CPU tensor; field order from ``PressureScheduler.FIELDS``, ``CORRECTION_KEYS``
+    and ``HISTORY_KEYS``."""
+    values = [STATE_FORMAT, *(scheduler[k] for k in PressureScheduler.FIELDS)]
+    values += [0.0] * (1 + len(CORRECTION_KEYS)) if correction is None else [1.0, *(correction[k] for k in CORRECTION_KEYS)]
+    values += [h[k] for h in history for k in HISTORY_KEYS]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def decode_state(state) -> tuple[dict, dict | None, list[dict]]:
+    """(scheduler state, correction or None, history) from :func:`encode_state`'s tensor or from
+    the dict that format 1 saved."""
+    if isinstance(state, dict):
+        return dict(state["scheduler"]), state.get("correction"), [dict(h) for h in state["history"]]
+    values = state.detach().cpu().double().tolist()
+    if not values or values[0] != STATE_FORMAT:
+        raise ValueError(f"Hyperflux extra state: unknown format {values[:1]} (expected {STATE_FORMAT})")
+    n_sched, n_corr = len(PressureScheduler.FIELDS), 1 + len(CORRECTION_KEYS)
+    fields = values[1:1 + n_sched]
+    correction = values[1 + n_sched:1 + n_sched + n_corr]
+    rows = values[1 + n_sched + n_corr:]
+    if len(rows) % len(HISTORY_KEYS):
+        raise ValueError(f"Hyperflux extra state: {len(rows)} history values do not make rows of "
+                         f"{len(HISTORY_KEYS)}")
+
+    def record(keys, row) -> dict:
+        return {k: int(v) if k in _INTEGER_KEYS else v for k, v in zip(keys, row)}
+
+    scheduler = record(PressureScheduler.FIELDS, fields)
+    history = [record(HISTORY_KEYS, rows[i:i + len(HISTORY_KEYS)]) for i in range(0, len(rows), len(HISTORY_KEYS))]
+    return scheduler, record(CORRECTION_KEYS, correction[1:]) if correction[0] else None, history
 
 
 def _kept_elements(tensor: GatedTensor) -> torch.Tensor:

@@ -126,13 +126,12 @@ class PressureScheduler:
             self.inertia_up = 0.0
 
     # -- state ---------------------------------------------------------------------------
+    FIELDS = ("steps", "updates", "gamma", "inertia_up", "inertia_down")  # the state, in this order
+    _INTEGER_FIELDS = ("steps", "updates")
+
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "updates": self.updates, "gamma": self.gamma,
-                "inertia_up": self.inertia_up, "inertia_down": self.inertia_down}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.updates = int(state["updates"])
-        self.gamma = float(state["gamma"])
-        self.inertia_up = float(state["inertia_up"])
-        self.inertia_down = float(state["inertia_down"])
+        for name in self.FIELDS:
+            setattr(self, name, (int if name in self._INTEGER_FIELDS else float)(state[name]))
