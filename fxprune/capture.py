@@ -10,6 +10,7 @@ capture hook says so (timm's own FX leaf registry, PyG's MessagePassing: see
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -18,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import ShapeError, TraceError
+from .errors import FxpruneError, ShapeError, TraceError
 
 
 @dataclass
@@ -105,20 +106,97 @@ def normalize_inputs(example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
-def trace(model: nn.Module, *, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
-    """Trace ``model`` symbolically. Raises :class:`TraceError` naming the innermost module."""
+class NameClashError(TraceError):
+    """A top-level attribute of the model has a name that the captured module uses itself
+    (``torch.fx.GraphModule``'s ``graph``, ``code``, ``meta``..., or fxprune's ``fxprune``)."""
+
+    def __init__(self, name: str, value: Any, owner: str = "torch.fx.GraphModule"):
+        self.module_path, self.module_type = name, type(value).__name__
+        self.reason = f"'{name}' is an attribute of {owner}"
+        FxpruneError.__init__(
+            self,
+            f"fxprune cannot capture the model's {type(value).__name__} '{name}': the captured model is a "
+            f"{owner}, which has an attribute '{name}' of its own, so the model's '{name}' cannot be stored "
+            f"under that name.\n  Fix: rename it in the model (e.g. self.{name}_ = ...); old checkpoints "
+            f"load after renaming their keys '{name}.*' accordingly."
+        )
+
+
+def _graph_module_attributes() -> frozenset[str]:
+    """Names a GraphModule defines beyond those of nn.Module (``graph``, ``code``, ``meta``...)."""
+    return frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph()))) - frozenset(dir(nn.Module()))
+
+
+def check_names(model: nn.Module, graph: fx.Graph, reserved: Iterable[str], owner: str = "torch.fx.GraphModule") -> None:
+    """NameClashError when a module or attribute the graph reads sits at a top-level name in ``reserved``."""
+    reserved = set(reserved)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            name = node.target.split(".", 1)[0]
+            if name in reserved:
+                raise NameClashError(name, getattr(model, name), owner)
+
+
+def concrete_args_for(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """Forward arguments to trace as constants: positional example inputs that are None, and
+    parameters after the example inputs whose default is None, a bool, an int, a float or a str.
+
+    So optional arguments the example does not give (``edge_weight=None``, ``batch=None``,
+    ``return_attention=False``...) are specialised to their default instead of becoming proxies:
+    ``if edge_weight is not None`` takes the branch the example takes. Calling the traced model
+    with another value later fails with torch.fx's "has been specialized" assertion.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    concrete: dict[str, Any] = {}
+    position = 0
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break  # torch.fx names these "*args"/"**kwargs"; leave them and what follows alone
+        given = p.kind != p.KEYWORD_ONLY and position < len(example_inputs)
+        if given:
+            if example_inputs[position] is None:
+                concrete[p.name] = None
+            position += 1
+        elif p.default is None or type(p.default) in (bool, int, float, str):
+            concrete[p.name] = p.default
+    return concrete
+
+
+def _restore_placeholder_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """torch.fx names the placeholder of a concrete argument ``<name>_1``: give the generated
+    forward its original parameter name back (the node keeps its unique name)."""
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            base = node.target.rsplit("_", 1)[0]
+            if base in concrete and node.target == f"{base}_1":
+                node.target = base
+
+
+def trace(model: nn.Module, *, leaf_modules: Sequence[type] = (),
+          example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+    """Trace ``model`` symbolically. Raises :class:`TraceError` naming the innermost module.
+
+    With ``example_inputs`` (positional), forward arguments they leave out are traced as their
+    defaults (see :func:`concrete_args_for`).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxprune expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
         return model
     policy = _collect_policy(model, leaf_modules)
     tracer = _Tracer(policy)
+    concrete = concrete_args_for(model, example_inputs) if example_inputs is not None else {}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, RuntimeError...)
         path, type_name = tracer.failed_at or ("", type(model).__name__)
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise TraceError(path, type_name, reason) from exc
+    _restore_placeholder_names(graph, concrete)
+    check_names(model, graph, _graph_module_attributes())
     # unpickling re-traces the generated code with plain torch.fx; our tracer is not needed then
     graph._tracer_cls = None
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
@@ -175,6 +253,7 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[typ
     The model itself is not modified; the returned GraphModule shares its parameters (copy the
     model first if you are going to change the GraphModule's weights).
     """
-    gm = trace(model, leaf_modules=leaf_modules)
-    propagate_shapes(gm, normalize_inputs(example_inputs))
+    inputs = normalize_inputs(example_inputs)
+    gm = trace(model, leaf_modules=leaf_modules, example_inputs=inputs)
+    propagate_shapes(gm, inputs)
     return gm

@@ -4,15 +4,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .analysis import analyze
-from .capture import normalize_inputs
+from .capture import check_names, normalize_inputs
 from .errors import ConfigError, ShapeError, WrapError
 from .runtime import Controller, WrappedModule, is_wrapped
+
+
+# hooks(model) -> torch.compile options a library recommends (PyG: dynamic shapes); user options win
+COMPILE_OPTION_HOOKS: list[Callable[[nn.Module], dict]] = []
+
+
+def register_compile_options(hook: Callable[[nn.Module], dict]) -> Callable:
+    """Add ``hook(model) -> dict`` of ``torch.compile`` options for ``wrap(compile=True)`` (integrations)."""
+    if hook not in COMPILE_OPTION_HOOKS:
+        COMPILE_OPTION_HOOKS.append(hook)
+    return hook
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2) -> tuple:
@@ -50,10 +61,12 @@ def wrap(
             it defaults to a random batch of the model's ``pretrained_cfg["input_size"]``.
         hyperflux: a :class:`fxprune.HyperfluxConfig` (training-time pruning) or None.
         exprune: a :class:`fxprune.ExPruneConfig` (per-input dynamic pruning) or None.
-        compile: True or a dict of ``torch.compile`` options (Inductor by default).
+        compile: True or a dict of ``torch.compile`` options (Inductor by default); options that
+            integrations recommend for the model are added unless given (PyG: ``dynamic=True``).
         leaf_modules: module types to treat as opaque leaves while tracing.
-        check: verify that, with nothing pruned yet, the wrapped model reproduces the original
-            outputs on ``example_inputs`` (WrapError otherwise).
+        check: verify that, with nothing pruned yet (ExPrune at its safe settings, Hyperflux gates
+            open), the wrapped model reproduces the original model's outputs on ``example_inputs``
+            (WrapError otherwise).
 
     Returns:
         A module with the original call signature and a ``.fxprune`` controller
@@ -72,12 +85,15 @@ def wrap(
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
 
     private = copy.deepcopy(model)
+    # the reference is the model itself, so that the check covers the capture too (arguments traced
+    # as their defaults, leaf policy), not only the transforms
+    reference = _eval_outputs(private, inputs) if check else None
     analysis = analyze(private, inputs, leaf_modules=leaf_modules)
     captured = analysis.graph_module
+    check_names(private, captured.graph, ("fxprune",), owner="module made by fxprune.wrap (model.fxprune is its controller)")
     gm = WrappedModule(captured, captured.graph, class_name=type(model).__name__)
     gm.train(model.training)
     analysis.graph_module = gm
-    reference = _eval_outputs(gm, inputs) if check else None
 
     exprune_rt = hyperflux_rt = None
     if exprune is not None:
@@ -155,9 +171,9 @@ def _flat_tensors(value) -> list[torch.Tensor]:
 
 
 def _library_compile_options(model: nn.Module) -> dict:
-    try:
-        from .integrations import pyg
-    except ImportError:
-        return {}
-    fn = getattr(pyg, "compile_options", None)
-    return fn(model) if fn is not None else {}
+    from . import integrations  # noqa: F401  (registers the hooks of the installed libraries)
+
+    options: dict = {}
+    for hook in COMPILE_OPTION_HOOKS:
+        options.update({k: v for k, v in hook(model).items() if k not in options})
+    return options

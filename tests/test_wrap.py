@@ -132,3 +132,45 @@ def test_torch_save_of_hyperflux_model_resumes_identically(granularity):
     train(loaded, 3)
     assert loaded.fxprune.sparsity() == wrapped.fxprune.sparsity()
     torch.testing.assert_close(loaded(x), wrapped(x), rtol=0, atol=0)
+
+
+class _Optional(nn.Module):
+    """Optional forward arguments with data-dependent branches on them (untraceable as proxies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, mask=None, scale: float = 2.0, flag: bool = False, *, extra=None):
+        h = self.a(x).relu()
+        if mask is not None:
+            h = h * mask
+        if flag:
+            h = -h
+        if extra is not None:
+            h = h + extra
+        return self.b(h) * scale
+
+
+def test_forward_arguments_left_out_are_traced_as_their_defaults():
+    import inspect
+
+    model, x, mask = _Optional().eval(), torch.randn(3, 4), torch.rand(3, 8)
+    wrapped = fxprune.wrap(model, x)
+    assert list(inspect.signature(wrapped.forward).parameters) == ["x", "mask", "scale", "flag", "extra"]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), model(x))
+        with pytest.raises(AssertionError, match="mask has been specialized"):
+            wrapped(x, mask)
+    given = fxprune.wrap(model, (x, mask))  # given in the example: a real input
+    none_given = fxprune.wrap(model, (x, None, 3.0))  # an explicit None is a default too; 3.0 stays an input
+    with torch.no_grad():
+        torch.testing.assert_close(given(x, mask), model(x, mask))
+        torch.testing.assert_close(none_given(x, None, 5.0), model(x, None, 5.0))
+
+
+def test_a_submodule_named_fxprune_is_named():
+    model = nn.Sequential()
+    model.add_module("fxprune", nn.Linear(4, 2))
+    with pytest.raises(fxprune.TraceError, match="(?s)Linear 'fxprune'.*rename it"):
+        fxprune.wrap(model, torch.randn(2, 4))
