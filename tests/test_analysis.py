@@ -225,3 +225,80 @@ def test_analysis_does_not_mutate_model():
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+class _Opaque(nn.Module):
+    """A leaf with a Linear inside: the core sees neither its weight nor a site there."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _WithOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lift, self.opaque, self.head = nn.Linear(4, 6), _Opaque(), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.opaque(self.lift(x).relu()).relu())
+
+
+@pytest.fixture
+def opaque_finders():
+    """Register a site finder and a gate finder for _Opaque for one test."""
+    from fxprune.analysis import GateTarget, Rejected, Site, register_gate_finder, register_site_finder
+    from fxprune.analysis.sites import GATE_FINDERS, SITE_FINDERS
+
+    def sites(gm, spaces):
+        node = next((n for n in gm.graph.nodes if n.target == "opaque"), None)
+        if node is None:  # traced through: nothing of ours in this graph
+            return [], []
+        return ([Site("opaque", "enp", 6, "opaque-relu", "opaque_op", node.name, 0, 36, (3, 6))],
+                [Rejected("lift", "opaque_op", "only opaque layers")])
+
+    def gates(gm):
+        return [GateTarget("opaque.inner.weight", "opaque.inner", "linear", (6, 6), 3 * 36),
+                GateTarget("head.weight", "head", "linear", (2, 6), 0)]  # a key the core found already
+
+    register_site_finder(sites)
+    register_site_finder(sites)  # twice: still one entry
+    register_gate_finder(gates)
+    yield
+    SITE_FINDERS.remove(sites)
+    GATE_FINDERS.remove(gates)
+
+
+def test_registered_finders_extend_the_analysis_and_wrap(opaque_finders):
+    x = torch.randn(3, 4)
+    a = fxprune.analyze(_WithOpaque().eval(), x, leaf_modules=[_Opaque])
+    (site,) = [s for s in a.sites if s.op == "opaque_op"]
+    assert site.name == "opaque" and a.graph_module.graph.find_nodes(op="call_module", target="opaque")[0] \
+        .meta["fxprune_site"] is site
+    assert ("lift", "only opaque layers") in [(r.name, r.reason) for r in a.rejected]
+    keys = [t.key for t in a.gate_targets]
+    assert sorted(keys) == ["head.weight", "lift.weight", "opaque.inner.weight"]
+    wrapped = fxprune.wrap(_WithOpaque().eval(), x, leaf_modules=[_Opaque],
+                           exprune=fxprune.ExPruneConfig(k=2, threshold={"opaque": 0.0}),
+                           hyperflux=fxprune.HyperfluxConfig(0.5, pruning_steps=10))
+    assert "no ExPrune injector is registered for op kind 'opaque_op'" in wrapped.fxprune.exprune.skipped["opaque"]
+    assert "opaque.inner.weight" in {t.key for t in wrapped.fxprune.hyperflux.tensors}
+
+
+class _Clash(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.add_module(name, nn.Linear(4, 4))
+
+    def forward(self, x):
+        return getattr(self, self.name)(x)
+
+
+@pytest.mark.parametrize("name", ["graph", "code", "meta"])
+def test_a_submodule_named_like_a_graph_module_attribute_is_named(name):
+    with pytest.raises(fxprune.TraceError, match=f"(?s)Linear '{name}'.*rename it"):
+        fxprune.analyze(_Clash(name), torch.randn(2, 4))

@@ -2,7 +2,7 @@
 
 ``analyze(model, example_inputs)`` captures the model (``fxprune.capture``), builds the channel
 spaces (``spaces.py``, driven by the rule registry in ``rules.py``) and matches sites
-(``sites.py``). Everything is also stored on the graph (``node.meta``) of ``Analysis.graph_module``.
+(``sites.py``, plus the site and gate finders integrations register there). Everything is also stored on the graph (``node.meta``) of ``Analysis.graph_module``.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from torch import nn
 
 from ..capture import capture, normalize_inputs
 from .rules import register_rule, RuleContext
-from .sites import GateTarget, Rejected, Site, find_sites
+from .sites import GateTarget, Rejected, Site, find_sites, register_gate_finder, register_site_finder
 from .spaces import Member, Space, SpaceBuilder
 
 __all__ = ["Analysis", "analyze", "analyze_graph", "Space", "Member", "Site", "Rejected", "GateTarget",
-           "register_rule", "RuleContext"]
+           "register_rule", "RuleContext", "register_site_finder", "register_gate_finder"]
 
 
 @dataclass
@@ -32,9 +32,9 @@ class Analysis:
     Attributes:
         graph_module: the captured GraphModule, with ``node.meta`` annotations.
         spaces: channel spaces that carry at least one parameter.
-        sites: ExPrune sites (ENP and head).
-        rejected: conv/linear nodes that are not sites, with reasons.
-        gate_targets: conv/linear weights Hyperflux can gate.
+        sites: ExPrune sites (ENP and head; integrations add their own, e.g. PyG message passing).
+        rejected: conv/linear nodes (and library layers) that are not sites, with reasons.
+        gate_targets: conv/linear weights Hyperflux can gate (inside library layers included).
         unknown_ops: ops with no axis rule (their spaces are non-exchangeable), description -> reason.
         input_shapes: shapes of the example inputs.
         seconds: analysis time (capture excluded), and capture time.

@@ -7,6 +7,11 @@
   the model's output.
 - Gate targets (Hyperflux): the weight of every conv and linear op, module or functional.
 
+Libraries extend both (in the spirit of the rule registry): :func:`register_site_finder` adds a
+function that finds sites inside the library's own leaf modules (PyG: the linear layers inside
+message passing layers), :func:`register_gate_finder` one that finds gate targets there. The
+integrations register theirs on import; the core never imports the libraries.
+
 Each site is stored on its conv/linear node as ``node.meta["fxprune_site"]``; each rejected
 candidate as ``node.meta["fxprune_rejected"]`` (the reason).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -94,6 +100,33 @@ class GateTarget:
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
+
+
+SiteFinder = Callable[[fx.GraphModule, list[Space]], "tuple[list[Site], list[Rejected]]"]
+GateFinder = Callable[[fx.GraphModule], "list[GateTarget]"]
+SITE_FINDERS: list[SiteFinder] = []
+GATE_FINDERS: list[GateFinder] = []
+
+
+def register_site_finder(finder: SiteFinder) -> SiteFinder:
+    """Add ``finder(gm, spaces) -> (sites, rejected)``, run after the core matcher on every analysis.
+
+    It sees the annotated graph and the solved spaces and returns ExPrune sites (with an ``op``
+    kind of its own, e.g. "message_passing": ``fxprune.exprune.inject.register_site_injector``
+    says how to inject them) and rejected candidates with reasons. ``Site.node`` must name the fx
+    node the site starts at. Usable as a decorator; registering twice is a no-op.
+    """
+    if finder not in SITE_FINDERS:
+        SITE_FINDERS.append(finder)
+    return finder
+
+
+def register_gate_finder(finder: GateFinder) -> GateFinder:
+    """Add ``finder(gm) -> [GateTarget]``: weights Hyperflux can gate that the core does not see
+    (inside leaf modules). Keys already found are kept once. Usable as a decorator."""
+    if finder not in GATE_FINDERS:
+        GATE_FINDERS.append(finder)
+    return finder
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -195,7 +228,39 @@ def find_sites(gm: fx.GraphModule, builder: SpaceBuilder, spaces: list[Space]):
             node.meta["fxprune_rejected"] = reason
             rejected.append(Rejected(name, op, reason))
     sites = _one_site_per_add(gm, sites, rejected)
+    _run_extensions(gm, spaces, sites, rejected, gates)
     return sites, rejected, gates
+
+
+def _run_extensions(gm: fx.GraphModule, spaces: list[Space], sites: list[Site], rejected: list[Rejected],
+                    gates: list[GateTarget]) -> None:
+    """Add what the registered site and gate finders find (integrations register on import)."""
+    from .. import integrations  # noqa: F401  (an already captured graph may reach here first)
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    calls = {}  # module path -> its first call_module node (where a rejected candidate is noted)
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, n)
+    for finder in SITE_FINDERS:
+        found, refused = finder(gm, spaces)
+        taken = {s.name for s in sites}
+        for site in found:
+            if site.name in taken:
+                continue
+            nodes[site.node].meta["fxprune_site"] = site
+            sites.append(site)
+        for r in refused:
+            node = calls.get(r.name)
+            if node is not None:
+                node.meta.setdefault("fxprune_rejected", r.reason)
+            rejected.append(r)
+    keys = {g.key for g in gates}
+    for finder in GATE_FINDERS:
+        for target in finder(gm):
+            if target.key not in keys:
+                keys.add(target.key)
+                gates.append(target)
 
 
 def _one_site_per_add(gm: fx.GraphModule, sites: list[Site], rejected: list[Rejected]) -> list[Site]:

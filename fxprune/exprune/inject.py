@@ -5,12 +5,15 @@ of every selected site (``Analysis.sites``) with one ``call_module`` node of an 
 ``<site>.exprune``. The weight, bias and BN tensors are ``get_attr`` inputs of that node, read from
 the original modules at run time: state_dict keys are unchanged and a parametrization of the weight
 (Hyperflux) still applies. ``strip_exprune`` puts the original chains back.
+
+Sites of other op kinds (found by a registered site finder, e.g. "message_passing" for PyG layers)
+are injected by the function registered for that kind with :func:`register_site_injector`.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -21,6 +24,23 @@ from .ops import DominanceOp, ENPOp, ExPruneOp
 from .runtime import ExPruneRuntime
 
 OP_ATTR = "exprune"  # the op's name under its conv/linear module
+
+# site.op -> injector(gm, site, modules, config) -> op; the core's own kinds are not in here
+SiteInjector = Callable[[fx.GraphModule, Any, dict, ExPruneConfig], ExPruneOp]
+SITE_INJECTORS: dict[str, SiteInjector] = {}
+_CORE_OPS = ("conv1d", "conv2d", "linear")
+
+
+def register_site_injector(op: str, injector: SiteInjector) -> SiteInjector:
+    """Inject sites whose ``Site.op`` is ``op`` with ``injector(gm, site, modules, config)``.
+
+    The injector replaces the site's chain in ``gm.graph`` by one call of an :class:`ExPruneOp`
+    (registered as a submodule, with ``op.chain`` recorded for :func:`strip_exprune`) and returns
+    the op; ``apply_exprune`` has already checked the config names, ``sites=``, ``k`` and shared
+    modules, and recompiles afterwards.
+    """
+    SITE_INJECTORS[op] = injector
+    return injector
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,12 @@ def apply_exprune(gm: fx.GraphModule, analysis, config: ExPruneConfig) -> ExPrun
     skipped: dict[str, str] = {}
     for site in analysis.sites:
         reason = _skip_reason(site, config, calls)
+        injector = SITE_INJECTORS.get(site.op)
+        if injector is None and site.op not in _CORE_OPS and not reason:
+            reason = f"no ExPrune injector is registered for op kind '{site.op}' (register_site_injector)"
+        if injector is not None and not reason:
+            ops[site.name] = injector(gm, site, modules, config)
+            continue
         chain = None if reason else _chain(site, nodes)
         if isinstance(chain, str):
             reason = chain
@@ -84,11 +110,13 @@ def apply_exprune(gm: fx.GraphModule, analysis, config: ExPruneConfig) -> ExPrun
 
 def _check_names(config: ExPruneConfig, analysis) -> None:
     names = {s.name for s in analysis.sites}
+    why = {r.name: r.reason for r in analysis.rejected}
     for field, value in (("sites", config.sites or ()), ("threshold", config.threshold), ("alpha", config.alpha)):
         unknown = sorted(set(value) - names) if isinstance(value, (dict, list)) else []
         if unknown:
+            reasons = "".join(f"; '{u}' is not a site: {why[u]}" for u in unknown if u in why)
             raise ConfigError(f"ExPruneConfig.{field} names {unknown}, which are not ExPrune sites of this model; "
-                              f"sites: {sorted(names)} (see fxprune.analyze(model, x).summary())")
+                              f"sites: {sorted(names)}{reasons} (see fxprune.analyze(model, x).summary())")
 
 
 def _skip_reason(site, config: ExPruneConfig, calls: dict[str, int]) -> str:
