@@ -1,7 +1,7 @@
 """Hyperflux + ExPrune on a PyG GCN for node classification (Planetoid: Cora / CiteSeer / PubMed).
 
-Steps: train a dense GCN; wrap it with Hyperflux (``fxprune.integrations.pyg.wrap``: the linear
-layers inside the message passing layers are gated) and train while pruning to the target
+Steps: train a dense GCN; wrap it with Hyperflux (``fxprune.wrap(gcn, (x, edge_index), ...)``: the
+linear layers inside the message passing layers are gated) and train while pruning to the target
 sparsity; export the pruned model; wrap that with ExPrune (prediction after aggregation inside
 GCNConv -> ReLU) and calibrate its thresholds on the validation nodes; report test accuracy and
 dense / effective MACs (``fxprune.flops``, 1 MAC = one multiply-add; the aggregation's scatter
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.demo import default_threads
-from fxprune.integrations import pyg as fx_pyg
 
 
 def synthetic_graph(nodes: int = 1000, classes: int = 5, features: int = 64, seed: int = 0):
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
                                      gate_lr=0.02, scheduler_interval=3, seed=args.seed)
     clock = time.perf_counter()
     dense.train()
-    hyper = fx_pyg.wrap(dense, inputs, hyperflux=config)
+    hyper = fxprune.wrap(dense, inputs, hyperflux=config)
     train(hyper, x, edge_index, y, train_mask, args.prune_steps + args.regrowth_steps, lr=0.005,
           after_step=lambda step: hyper.fxprune.step())
     pruned = fxprune.export(hyper).eval()
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
           f"{100 * accuracy(pruned, *inputs, y, test_mask):.1f} %  ({_lap(clock):.0f} s)")
 
     clock = time.perf_counter()
-    exp = fx_pyg.wrap(pruned, inputs, exprune=fxprune.ExPruneConfig(k=args.k))
+    exp = fxprune.wrap(pruned, inputs, exprune=fxprune.ExPruneConfig(k=args.k))
     sites = list(exp.fxprune.exprune.ops)
     thresholds = fxprune.calibrate(exp, [(inputs, y)], lambda m: accuracy(m, *inputs, y, val_mask),
                                    max_drop=args.max_drop, progress=False)

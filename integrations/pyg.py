@@ -11,12 +11,15 @@ their output axis and bias. Aggregations used here (add, mean, max, min) act per
 features stay exchangeable. MLPs inside a layer (GINConv, EdgeConv) are followed layer by layer;
 their hidden features become spaces of their own (tensors named ``<node>.<submodule>``).
 
-ExPrune sites inside GCNConv / SAGEConv / GraphConv are in :mod:`fxprune.integrations.pyg_exprune`;
-``wrap`` is ``fxprune.wrap`` plus those sites and the Hyperflux gate targets inside the layers.
+Extensions of the core (registered on import, so ``fxprune.analyze`` / ``fxprune.wrap`` see them):
+the Hyperflux gate targets inside the layers (:func:`gate_targets`), the ExPrune sites of GCNConv /
+SAGEConv / GraphConv and their injection (:mod:`fxprune.integrations.pyg_exprune`), and
+``torch.compile`` options (:func:`compile_options`). ``wrap`` is a backward-compatible alias of
+``fxprune.wrap``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,8 +35,7 @@ from fxprune.analysis.rules import MODULE_RULES, RuleContext, first_arg_identity
 from fxprune.analysis.sites import GateTarget
 from fxprune.capture import LeafPolicy, register_capture_hook
 
-__all__ = ["leaf_policy", "compile_options", "uses_pyg", "gate_targets", "extend_analysis", "wrap", "apply_exprune",
-           "PER_FEATURE_AGGREGATIONS"]
+__all__ = ["leaf_policy", "compile_options", "uses_pyg", "gate_targets", "wrap", "PER_FEATURE_AGGREGATIONS"]
 
 PER_FEATURE_AGGREGATIONS = ("add", "sum", "mean", "max", "min")
 _NORM_LEAVES = (pyg_norm.BatchNorm, pyg_norm.LayerNorm, pyg_norm.InstanceNorm, pyg_norm.GraphNorm)
@@ -47,8 +49,9 @@ def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
     """Leaves: message passing layers, PyG norms, and ``TrimToLayer``.
 
     ``TrimToLayer``: PyG's ``BasicGNN`` models (GCN, GraphSAGE, GIN, GAT) call it when the optional
-    ``num_sampled_nodes_per_hop`` argument is not None; torch.fx sees that argument as a proxy, so
-    the call is traced. As a leaf it runs for real and returns its inputs when nothing is sampled.
+    ``num_sampled_nodes_per_hop`` argument is not None. Capture traces arguments the example inputs
+    leave out as their defaults (None: no call); when the example gives one, it is a proxy and the
+    call is traced. As a leaf it runs for real and returns its inputs when nothing is sampled.
     """
     return LeafPolicy(leaf_types={TrimToLayer, *_NORM_LEAVES}, leaf_predicates=[_is_message_passing])
 
@@ -358,7 +361,7 @@ register_rule(TrimToLayer, trim_to_layer_rule)
 
 
 # ---------------------------------------------------------------------------------------------
-# Gate targets, analysis extension and wrap
+# Gate targets, core extensions and wrap
 # ---------------------------------------------------------------------------------------------
 
 def gate_targets(gm: fx.GraphModule) -> list[GateTarget]:
@@ -389,90 +392,29 @@ def gate_targets(gm: fx.GraphModule) -> list[GateTarget]:
     return targets
 
 
-def extend_analysis(analysis, gm: fx.GraphModule | None = None):
-    """Add the PyG gate targets and ExPrune sites of ``gm`` (default ``analysis.graph_module``) to
-    ``analysis`` in place; returns it."""
-    from .pyg_exprune import find_sites
+def wrap(model: nn.Module, example_inputs: Any, **options) -> nn.Module:
+    """Backward-compatible alias of :func:`fxprune.wrap` (same arguments, same result).
 
-    gm = gm if gm is not None else analysis.graph_module
-    known = {t.key for t in analysis.gate_targets}
-    analysis.gate_targets = list(analysis.gate_targets) + [t for t in gate_targets(gm) if t.key not in known]
-    sites, rejected = find_sites(gm, analysis.spaces)
-    names = {s.name for s in sites}
-    analysis.sites = [s for s in analysis.sites if s.name not in names] + sites
-    analysis.rejected = list(analysis.rejected) + rejected
-    return analysis
-
-
-def wrap(model: nn.Module, example_inputs: Any, *, hyperflux=None, exprune=None, compile: bool | dict = False,
-         leaf_modules: Sequence[type] = (), check: bool = True) -> nn.Module:
-    """:func:`fxprune.wrap` for PyG models: also gates the linear layers inside message passing
-    layers (Hyperflux) and puts ExPrune ops on GCNConv / SAGEConv / GraphConv -> ReLU sites.
-
-    Same arguments and result as ``fxprune.wrap``; ``compile=True`` uses :func:`compile_options`.
-    With ``check``, the wrapped model (nothing pruned, all gates open) must reproduce the original
-    outputs on ``example_inputs`` (WrapError otherwise).
+    It used to add the PyG gate targets and ExPrune sites around the core; the core now finds them
+    itself through the finders this module registers, so call ``fxprune.wrap(model, (x, edge_index))``.
     """
     from fxprune import wrap as core_wrap
-    from fxprune.capture import normalize_inputs
-    from fxprune.hyperflux.inject import apply_hyperflux
 
-    from .pyg_exprune import apply_exprune
-
-    inputs = normalize_inputs(example_inputs)
-    layers = {name for name, m in model.named_modules() if isinstance(m, MessagePassing)}
-    core_config = _without(exprune, layers) if exprune is not None else None
-    gm = core_wrap(model, inputs, exprune=core_config, leaf_modules=leaf_modules, check=check)
-    controller = gm.fxprune
-    extend_analysis(controller.analysis, gm)
-    if exprune is not None:
-        apply_exprune(gm, exprune)
-    if hyperflux is not None:
-        controller.hyperflux = apply_hyperflux(gm, controller.analysis, hyperflux, inputs)
-    if check:
-        _check_unpruned(model, gm, inputs)
-    if compile:
-        options = {**compile_options(model), **(compile if isinstance(compile, dict) else {})}
-        return torch.compile(gm, **options)
-    return gm
+    return core_wrap(model, example_inputs, **options)
 
 
-def _without(config, names: set[str]):
-    """A copy of an ExPruneConfig whose per-site entries leave out ``names`` (sites the core pass does not know)."""
-    import dataclasses
+def _register_extensions() -> None:
+    """Site finder, gate finder, ExPrune injector and compile options for the core to consult."""
+    from fxprune.analysis.sites import register_gate_finder, register_site_finder
+    from fxprune.exprune.inject import register_site_injector
+    from fxprune.wrap import register_compile_options
 
-    def drop(value):
-        return {k: v for k, v in value.items() if k not in names} if isinstance(value, dict) else value
+    from . import pyg_exprune
 
-    sites = None if config.sites is None else [s for s in config.sites if s not in names]
-    return dataclasses.replace(config, threshold=drop(config.threshold), alpha=drop(config.alpha), sites=sites)
-
-
-def _check_unpruned(model: nn.Module, gm: nn.Module, inputs: tuple) -> None:
-    import copy
-    from contextlib import nullcontext
-
-    from fxprune.errors import WrapError
-
-    reference = copy.deepcopy(model).eval()
-    runtime = gm.fxprune.exprune
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad(), (runtime.safe_settings() if runtime is not None else nullcontext()):
-            expected, got = reference(*inputs), gm(*inputs)
-    finally:
-        gm.train(was_training)
-        if runtime is not None:
-            runtime.reset_stats()
-    scale = max(float(expected.abs().max()), 1.0)
-    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * scale):
-        raise WrapError(f"internal check failed: with nothing pruned, the wrapped {type(model).__name__} differs from "
-                        f"the original (max abs diff {float((expected - got).abs().max()):.3g}); please report it")
+    register_site_finder(pyg_exprune.find_sites)
+    register_gate_finder(gate_targets)
+    register_site_injector("message_passing", pyg_exprune.inject_site)
+    register_compile_options(compile_options)
 
 
-def apply_exprune(model: nn.Module, config) -> Any:
-    """Put ExPrune ops on the PyG sites of a model made by ``fxprune.wrap`` (see ``pyg_exprune``)."""
-    from .pyg_exprune import apply_exprune as _apply
-
-    return _apply(model, config)
+_register_extensions()

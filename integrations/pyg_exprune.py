@@ -14,8 +14,9 @@ A site is a conv -> [Identity/Dropout]* -> [BatchNorm (eval)] -> [Identity/Dropo
 whose conv reduces over one exchangeable space, called on a 2-D feature tensor and a plain
 ``edge_index`` tensor (not SparseTensor).
 
-Use: ``fxprune.integrations.pyg.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))``.
-The ops record the replaced chain (``op.chain``) in the core's format, so
+``fxprune.integrations.pyg`` registers :func:`find_sites` with the analysis and :func:`inject_site`
+for sites with ``op == "message_passing"`` with the ExPrune pass, so
+``fxprune.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))`` puts ops there. The ops record the replaced chain (``op.chain``) in the core's format, so
 ``fxprune.exprune.strip_exprune`` and ``fxprune.export`` restore the dense layers.
 """
 from __future__ import annotations
@@ -27,18 +28,17 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GCNConv, GraphConv, SAGEConv
+from torch_geometric.nn import GCNConv, GraphConv, MessagePassing, SAGEConv
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
-from fxprune.errors import ConfigError, WrapError
+from fxprune.errors import WrapError
 from fxprune.exprune.config import ExPruneConfig
 from fxprune.exprune.inject import ChainNode, _Ref
 from fxprune.exprune.ops import ENPOp
-from fxprune.exprune.runtime import ExPruneRuntime
 
-__all__ = ["MessagePassingENPOp", "find_sites", "inject_site", "apply_exprune", "LAYERS"]
+__all__ = ["MessagePassingENPOp", "find_sites", "inject_site", "LAYERS"]
 
 OP_ATTR = "exprune"
 # layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
@@ -227,13 +227,18 @@ def _follow(node: fx.Node, modules: dict) -> tuple[list[fx.Node], str | None, st
 
 
 def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejected]]:
-    """ENP sites at GCNConv / SAGEConv / GraphConv layers of an analysed graph, and the rejected ones."""
+    """ENP sites at GCNConv / SAGEConv / GraphConv layers of an analysed graph, and the rejected
+    message passing layers (other layer types included, with the reason)."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     sites, rejected = [], []
     for node in gm.graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None
-        layer = _layer(conv) if conv is not None else None
+        if not isinstance(conv, MessagePassing):
+            continue
+        layer = _layer(conv)
         if layer is None:
+            rejected.append(Rejected(node.target, "message_passing", f"ExPrune inside {type(conv).__name__} is not "
+                                                                     f"supported yet (GCNConv, SAGEConv and GraphConv are)"))
             continue
         site_or_reason = _match(node, conv, layer, modules, spaces)
         if isinstance(site_or_reason, str):
@@ -276,44 +281,6 @@ def _match(node: fx.Node, conv: nn.Module, layer: tuple, modules: dict, spaces: 
 # Injection
 # ---------------------------------------------------------------------------------------------
 
-def apply_exprune(model: nn.Module, config: ExPruneConfig) -> ExPruneRuntime:
-    """Inject ExPrune ops at the PyG sites of a model made by ``fxprune.wrap`` (mutated in place).
-
-    The ops join ``model.fxprune.exprune`` (created when absent), so thresholds, statistics,
-    ``fxprune.calibrate`` and ``fxprune.flops`` see them. Returns that runtime.
-    """
-    gm = getattr(model, "_orig_mod", model)
-    controller = getattr(gm, "fxprune", None)
-    if controller is None or getattr(controller, "analysis", None) is None:
-        raise WrapError("apply_exprune expects a model made by fxprune.wrap(model, (x, edge_index))")
-    if not isinstance(config, ExPruneConfig):
-        raise ConfigError(f"apply_exprune expects an ExPruneConfig, got {type(config).__name__}")
-    sites, rejected = find_sites(gm, controller.analysis.spaces)
-    names = {s.name for s in sites}
-    known = names | {s.name for s in controller.analysis.sites}
-    for field, value in (("sites", config.sites or ()), ("threshold", config.threshold), ("alpha", config.alpha)):
-        unknown = sorted(set(value) - known) if isinstance(value, (dict, list)) else []
-        if unknown:
-            raise ConfigError(f"ExPruneConfig.{field} names {unknown}, which are not ExPrune sites of this model; "
-                              f"sites: {sorted(known)}; PyG layers rejected: {[(r.name, r.reason) for r in rejected]}")
-    modules = dict(gm.named_modules(remove_duplicate=False))
-    ops, skipped = {}, {r.name: r.reason for r in rejected}
-    for site in sites:
-        if config.sites is not None and site.name not in config.sites:
-            skipped[site.name] = "not in ExPruneConfig.sites"
-        elif site.n <= config.k:
-            skipped[site.name] = f"n = {site.n} <= k = {config.k}: no terms left to skip"
-        else:
-            ops[site.name] = inject_site(gm, site, modules, config)
-    gm.recompile()
-    runtime = controller.exprune
-    if runtime is not None:
-        ops, skipped = {**runtime.ops, **ops}, {**runtime.skipped, **skipped}
-    controller.exprune = ExPruneRuntime(ops, skipped, config.rule, config.k)
-    controller.analysis.sites = [s for s in controller.analysis.sites if s.name not in names] + sites
-    return controller.exprune
-
-
 def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneConfig) -> MessagePassingENPOp:
     """Replace the chain of one PyG site with a MessagePassingENPOp registered at ``<layer>.exprune``."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -321,12 +288,12 @@ def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneCo
     conv = modules[site.name]
     chain, _, _ = _follow(first, modules)
     bn = modules[site.bn] if site.bn else None
-    if (bn is not None and bn.training) or conv.training:
-        raise WrapError(f"PyG site '{site.name}' is in training mode; ExPrune folds BatchNorm running statistics: "
-                        f"call model.eval() before apply_exprune")
+    if bn is not None and bn.training:
+        raise WrapError(f"BatchNorm '{site.bn}' (after PyG layer '{site.name}') is in training mode; ExPrune folds its "
+                        f"running statistics: call model.eval() before wrapping with exprune=")
     op = MessagePassingENPOp(site.name, conv, config.rule, config.k, site.n, eps=bn.eps if bn is not None else None,
                              threshold=config.threshold_of(site.name), alpha=config.alpha_of(site.name))
-    op.train(False)
+    op.train(conv.training)
     conv.add_module(OP_ATTR, op)
 
     inputs = _call_inputs(first, conv)

@@ -86,7 +86,7 @@ def _wrapped(layer, bn=False, **config):
     if config.get("threshold") == "median":  # about half of the elements predicted
         with torch.no_grad():
             config["threshold"] = _middle_threshold(reference(model, x, edge_index, threshold=0.0)[2])
-    wrapped = pyg.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K, **config))
+    wrapped = fxprune.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K, **config))
     return model, wrapped, (x, edge_index)
 
 
@@ -145,20 +145,34 @@ def test_ztest_rule_matches_the_reference(kind):
 def test_sites_and_rejections_in_a_basic_gnn():
     x, edge_index = graph(nodes=30, features=40, edges=120)
     model = GraphSAGE(40, 48, 3, 4).eval()
-    wrapped = pyg.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K, threshold={"convs.1": 0.25}))
+    wrapped = fxprune.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K, threshold={"convs.1": 0.25}))
     runtime = wrapped.fxprune.exprune
     assert list(runtime.ops) == ["convs.1"] and runtime.thresholds() == {"convs.1": 0.25}
-    assert "touches the model input" in runtime.skipped["convs.0"]
-    assert "model output" in runtime.skipped["convs.2"]
+    rejected = {r.name: r.reason for r in wrapped.fxprune.analysis.rejected}
+    assert "touches the model input" in rejected["convs.0"]
+    assert "model output" in rejected["convs.2"]
     site = next(s for s in wrapped.fxprune.analysis.sites if s.name == "convs.1")
     assert (site.kind, site.n, site.pattern, site.op) == ("enp", 48, "sageconv-relu", "message_passing")
+    nodes = {n.name: n for n in fxprune.analyze(model, (x, edge_index)).graph_module.graph.nodes}
+    assert nodes[site.node].meta["fxprune_site"] == site  # on the graph, like the core's sites
+    assert "touches the model input" in nodes["convs_0"].meta["fxprune_rejected"]
+
+
+def test_sites_config_selects_message_passing_sites():
+    x, edge_index = graph(nodes=30, features=40, edges=120)
+    model = GCN(40, 48, 4, 4).eval()
+    wrapped = fxprune.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K, sites=["convs.2"]))
+    runtime = wrapped.fxprune.exprune
+    assert list(runtime.ops) == ["convs.2"] and runtime.skipped["convs.1"] == "not in ExPruneConfig.sites"
+    wrapped = fxprune.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=48))
+    assert not wrapped.fxprune.exprune.ops and "k = 48" in wrapped.fxprune.exprune.skipped["convs.1"]
 
 
 def test_safe_settings_preserve_outputs_and_thresholds_save_macs():
     x, edge_index = graph(nodes=30, features=40, edges=120)
     model = GCN(40, 64, 3, 4, norm="batch_norm").eval()
     randomize_(model, 0, (x, edge_index))
-    wrapped = pyg.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K))
+    wrapped = fxprune.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K))
     runtime = wrapped.fxprune.exprune
     assert list(runtime.ops) == ["convs.1"]
     with torch.no_grad():
@@ -188,7 +202,10 @@ def test_core_strip_and_export_restore_the_dense_layers():
 def test_errors_name_the_problem():
     x, edge_index = graph(nodes=30, features=40, edges=120)
     model = GCN(40, 64, 3, 4).eval()
-    with pytest.raises(fxprune.WrapError, match="fxprune.wrap"):
-        pyg.apply_exprune(model, fxprune.ExPruneConfig())
     with pytest.raises(fxprune.ConfigError, match="convs.7"):
-        pyg.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(threshold={"convs.7": 0.0}))
+        fxprune.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(threshold={"convs.7": 0.0}))
+    with pytest.raises(fxprune.ConfigError, match="'convs.0' is not a site: input features are not exchangeable"):
+        pyg.wrap(model, (x, edge_index), exprune=fxprune.ExPruneConfig(sites=["convs.0"]))
+    bn = GCN(40, 64, 3, 4, norm="batch_norm")  # training mode: its BatchNorm cannot be folded
+    with pytest.raises(fxprune.WrapError, match="norms.1.module"):
+        fxprune.wrap(bn, (x, edge_index), exprune=fxprune.ExPruneConfig(k=K))
