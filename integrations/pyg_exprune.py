@@ -35,7 +35,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
 from fxprune.errors import WrapError
 from fxprune.exprune.config import ExPruneConfig
-from fxprune.exprune.inject import ChainNode, _Ref
+from fxprune.exprune.inject import record_chain
 from fxprune.exprune.ops import ENPOp
 
 __all__ = ["MessagePassingENPOp", "find_sites", "inject_site", "LAYERS"]
@@ -297,10 +297,7 @@ def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneCo
     conv.add_module(OP_ATTR, op)
 
     inputs = _call_inputs(first, conv)
-    refs = {node: _Ref("node", i) for i, node in enumerate(chain)}
-    refs.update({v: _Ref("input", k) for k, v in inputs.items() if isinstance(v, fx.Node)})
-    op.chain = [ChainNode(n.op, n.target, fx.node.map_arg(n.args, refs.__getitem__),
-                          fx.node.map_arg(n.kwargs, refs.__getitem__), n.name, dict(n.meta)) for n in chain]
+    op.chain = record_chain(chain, inputs)
 
     rel, root, bias_owner, bias_name = _layer(conv)
     attrs = {"weight": _join(site.name, rel, "weight"), "bias": _join(site.name, bias_owner, bias_name)}

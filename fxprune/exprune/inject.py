@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..errors import ConfigError, WrapError
 from .config import ExPruneConfig
@@ -168,6 +169,29 @@ def _chain(site, nodes: dict) -> list[fx.Node] | str:
     return chain
 
 
+def record_chain(chain: list[fx.Node], inputs: dict[str, fx.Node]) -> list[ChainNode]:
+    """The nodes an op replaces, for :func:`strip_exprune`. ``inputs``: the op node's inputs by name
+    ("x" for its first argument, else its keyword), each a node from outside the chain."""
+    refs = {node: _Ref("node", i) for i, node in enumerate(chain)}
+    refs.update({node: _Ref("input", name) for name, node in inputs.items() if isinstance(node, fx.Node)})
+    return [ChainNode(n.op, n.target, fx.node.map_arg(n.args, refs.__getitem__),
+                      fx.node.map_arg(n.kwargs, refs.__getitem__), n.name, _portable(n.meta)) for n in chain]
+
+
+def _portable(meta: dict) -> dict:
+    """A copy of a node's meta that torch.save can store: it refuses ShapeProp's memory_format
+    (a torch.memory_format object), so that field is dropped from the tensor metadata."""
+    def strip(tm):
+        if isinstance(tm, TensorMetadata):
+            return tm._replace(memory_format=None)
+        return type(tm)(map(strip, tm)) if isinstance(tm, (tuple, list)) else tm
+
+    meta = dict(meta)
+    if "tensor_meta" in meta:
+        meta["tensor_meta"] = strip(meta["tensor_meta"])
+    return meta
+
+
 def _residual(site, chain: list[fx.Node]) -> fx.Node | None:
     """The add's operand from outside the chain (an earlier site's op node replaced the analysed node)."""
     add = next((n for n in chain if n.name == site.add), None) if site.add else None
@@ -193,12 +217,8 @@ def _inject(gm: fx.GraphModule, site, chain: list[fx.Node], modules: dict, confi
 
     x = chain[0].args[0]
     residual = _residual(site, chain)
-    refs = {node: _Ref("node", i) for i, node in enumerate(chain)}
-    refs[x] = _Ref("input", "x")
-    if residual is not None:
-        refs[residual] = _Ref("input", "residual")
-    op.chain = [ChainNode(n.op, n.target, fx.node.map_arg(n.args, refs.__getitem__),
-                          fx.node.map_arg(n.kwargs, refs.__getitem__), n.name, dict(n.meta)) for n in chain]
+    inputs = {"x": x} if residual is None else {"x": x, "residual": residual}
+    op.chain = record_chain(chain, inputs)
 
     last = chain[-1]
     graph = gm.graph
