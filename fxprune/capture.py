@@ -11,12 +11,15 @@ capture hook says so (timm's own FX leaf registry, PyG's MessagePassing: see
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none
+from torch.overrides import handle_torch_function, has_torch_function
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import FxpruneError, ShapeError, TraceError
@@ -143,8 +146,8 @@ def concrete_args_for(model: nn.Module, example_inputs: Sequence[Any]) -> dict[s
 
     So optional arguments the example does not give (``edge_weight=None``, ``batch=None``,
     ``return_attention=False``...) are specialised to their default instead of becoming proxies:
-    ``if edge_weight is not None`` takes the branch the example takes. Calling the traced model
-    with another value later fails with torch.fx's "has been specialized" assertion.
+    ``if edge_weight is not None`` takes the branch the example takes. Calling the captured model
+    with another value later raises a ValueError that names the argument (:func:`check_default`).
     """
     try:
         params = list(inspect.signature(model.forward).parameters.values())
@@ -165,14 +168,60 @@ def concrete_args_for(model: nn.Module, example_inputs: Sequence[Any]) -> dict[s
     return concrete
 
 
-def _restore_placeholder_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
-    """torch.fx names the placeholder of a concrete argument ``<name>_1``: give the generated
-    forward its original parameter name back (the node keeps its unique name)."""
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            base = node.target.rsplit("_", 1)[0]
-            if base in concrete and node.target == f"{base}_1":
-                node.target = base
+def check_default(value: Any, name: str, default: Any) -> None:
+    """The captured graph's guard on an argument traced as its default (see :func:`concrete_args_for`):
+    calling the model with another value raises a ValueError naming the argument instead of
+    silently ignoring the value.
+
+    It dispatches through ``__torch_function__`` like ``torch._assert``, so that torch.fx records it
+    again when it re-traces the generated code (unpickling, ``torch.load``). ``fxprune.export``
+    removes these nodes (``strip_default_guards``).
+    """
+    if has_torch_function((value,)):
+        return handle_torch_function(check_default, (value,), value, name, default)
+    if value is default or (not isinstance(value, torch.Tensor) and value == default):
+        return None
+    raise ValueError(
+        f"the model was captured with '{name}' = {default!r} (the example inputs did not give it, so fxprune "
+        f"traced its default) and is now called with another value. Wrap or analyze the model with an "
+        f"example for '{name}' among the example inputs."
+    )
+
+
+def _guard_concrete_args(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """Replace torch.fx's guards on concrete arguments with :func:`check_default`.
+
+    torch.fx names the placeholder of a concrete argument ``<name>_1`` and guards it with
+    ``_assert_is_none`` (None) or ``torch._assert(arg == value)``. Code generated for the first
+    calls ``torch.fx.wrap("torch.fx._symbolic_trace._assert_is_none")`` once torch.fx has re-traced
+    it (unpickling), and executing that registers a dotted name that breaks every later torch.fx
+    trace in the process (KeyError). So: the placeholders get their parameter names back (the
+    generated forward keeps the original signature) and one ``check_default`` node each.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+    for node in placeholders:
+        base = node.target.rsplit("_", 1)[0]
+        if base not in concrete or node.target != f"{base}_1":
+            continue
+        node.target = base
+        for user in list(node.users):
+            for guard in [u for u in user.users if u.op == "call_function" and u.target is torch._assert]:
+                graph.erase_node(guard)
+            if user.op == "call_function" and user.target in (_assert_is_none, operator.eq) and not user.users:
+                graph.erase_node(user)
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(check_default, (node, base, concrete[base]))
+
+
+def strip_default_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove the :func:`check_default` nodes (for a module that must run without fxprune); the
+    arguments they guarded are then ignored, as in any torch.fx graph specialised on them."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is check_default:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def trace(model: nn.Module, *, leaf_modules: Sequence[type] = (),
@@ -195,7 +244,7 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[type] = (),
         path, type_name = tracer.failed_at or ("", type(model).__name__)
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise TraceError(path, type_name, reason) from exc
-    _restore_placeholder_names(graph, concrete)
+    _guard_concrete_args(graph, concrete)
     check_names(model, graph, _graph_module_attributes())
     # unpickling re-traces the generated code with plain torch.fx; our tracer is not needed then
     graph._tracer_cls = None

@@ -276,3 +276,6 @@ def test_hyperflux_trains_a_gcn_to_the_target_sparsity(one_thread, target):
         assert (model(x, edge_index).argmax(1) == y).float().mean() > 0.9
         exported = fxprune.export(model).eval()
         torch.testing.assert_close(exported(x, edge_index), model(x, edge_index))
+    assert "fxprune" not in exported.code  # the guards on the traced defaults (edge_weight=None...) are gone
+    with pytest.raises(ValueError, match="'edge_weight' = None"):
+        model(x, edge_index, torch.rand(edge_index.shape[1]))  # the wrapped model would ignore it otherwise

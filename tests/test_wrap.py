@@ -139,10 +139,10 @@ class _Optional(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.a, self.hidden, self.b = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
 
     def forward(self, x, mask=None, scale: float = 2.0, flag: bool = False, *, extra=None):
-        h = self.a(x).relu()
+        h = self.hidden(self.a(x).relu()).relu()
         if mask is not None:
             h = h * mask
         if flag:
@@ -160,7 +160,7 @@ def test_forward_arguments_left_out_are_traced_as_their_defaults():
     assert list(inspect.signature(wrapped.forward).parameters) == ["x", "mask", "scale", "flag", "extra"]
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), model(x))
-        with pytest.raises(AssertionError, match="mask has been specialized"):
+        with pytest.raises(ValueError, match="captured with 'mask' = None"):
             wrapped(x, mask)
     given = fxprune.wrap(model, (x, mask))  # given in the example: a real input
     none_given = fxprune.wrap(model, (x, None, 3.0))  # an explicit None is a default too; 3.0 stays an input
@@ -174,3 +174,23 @@ def test_a_submodule_named_fxprune_is_named():
     model.add_module("fxprune", nn.Linear(4, 2))
     with pytest.raises(fxprune.TraceError, match="(?s)Linear 'fxprune'.*rename it"):
         fxprune.wrap(model, torch.randn(2, 4))
+
+
+def test_models_with_traced_defaults_pickle_repeatedly_and_torch_fx_keeps_working():
+    """torch.fx's own guard (_assert_is_none) makes every later trace fail once a module holding it
+    is unpickled twice; fxprune's guard does not."""
+    x, mask = torch.randn(3, 4), torch.rand(3, 8)
+    wrapped = fxprune.wrap(_Optional().eval(), x, exprune=fxprune.ExPruneConfig(k=2))
+    assert list(wrapped.fxprune.exprune.ops) == ["hidden"]  # its recorded chain must survive torch.save too
+    for _ in range(2):
+        clone = pickle.loads(pickle.dumps(wrapped))
+        buffer = io.BytesIO()
+        torch.save(wrapped, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), wrapped(x))
+        torch.testing.assert_close(loaded(x), wrapped(x))
+        with pytest.raises(ValueError, match="'mask'"):
+            clone(x, mask)

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..capture import strip_default_guards
 from ..errors import FxpruneError
 from .inject import synthetic_inputs
 from .runtime import HyperfluxRuntime
@@ -41,7 +42,7 @@ def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: boo
     source = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(source, fx.GraphModule):
         raise ExportError(f"export expects a model returned by fxprune.wrap, got {type(source).__name__}")
-    gm = _strip_exprune(copy.deepcopy(source))
+    gm = strip_default_guards(_strip_exprune(copy.deepcopy(source)))  # fxprune's guards on traced defaults
     runtime = next((m for m in gm.modules() if isinstance(m, HyperfluxRuntime)), None)
     inputs = _inputs(gm, runtime, example_inputs)
     gm.eval()
