@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import fxprune
 from fxprune.hyperflux import HyperfluxConfig
-from fxprune.hyperflux.runtime import CLOSED_SCORE, decode_state, encode_state
+from fxprune.hyperflux.runtime import decode_state, encode_state
 from hyperflux_models import TinyCNN, batches, gated, mlp, one_thread, teacher_data, train  # noqa: F401 (fixture)
 
 _MLP = (6, 10, 8, 3)  # 60 + 80 + 24 = 164 gated weights
@@ -45,12 +45,13 @@ def test_correction_lands_on_the_nearest_reachable_density_with_the_gates_own_ra
     assert result["density_after"] == rt.density() and result["density_before"] == (before >= 0).sum().item() / n
     moved = (before >= 0) != (after >= 0)
     assert int(moved.sum()) == result["reopened"] + result["closed"] and min(result["reopened"], result["closed"]) == 0
-    if result["reopened"]:  # the reopened gates are the closed ones with the highest scores, now at 0
-        assert bool((after[moved] == 0).all())
+    margin = rt.config.gate_lr * rt.config.scheduler_interval
+    if result["reopened"]:  # the reopened gates are the closed ones with the highest scores, now at +margin
+        assert bool((after[moved] == margin).all()) and margin > 0
         rest = before[(before < 0) & ~moved]
         assert rest.numel() == 0 or before[moved].min() > rest.max()
-    if result["closed"]:  # the closed gates are the open ones with the lowest scores, now just below 0
-        assert bool((after[moved] == CLOSED_SCORE).all()) and CLOSED_SCORE < 0
+    if result["closed"]:  # the closed gates are the open ones with the lowest scores, now at -margin
+        assert bool((after[moved] == -margin).all())
         rest = before[(before >= 0) & ~moved]
         assert rest.numel() == 0 or before[moved].max() < rest.min()
     assert torch.equal(after[~moved], before[~moved])  # nothing else changes
@@ -74,49 +75,110 @@ def test_channel_correction_picks_the_closest_count(weight_by):
     assert result["reopened"] == min(range(len(errors)), key=errors.__getitem__) > 0
 
 
-def _short_run(exact: bool, regrowth: int = 0):
+def _short_run(exact: bool, regrowth: int = 0, steps: int | None = None, **config):
     x, y = teacher_data()
     torch.manual_seed(0)
-    gm, rt = gated(mlp(), x[:8], target_sparsity=0.9, pruning_steps=40, regrowth_steps=regrowth,
-                   scheduler_interval=4, gate_lr=0.05, exact_target=exact)
-    train(gm, rt.step, batches(x, y, 40 + regrowth + 2), torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9))
+    config = dict(dict(target_sparsity=0.9, pruning_steps=40, regrowth_steps=regrowth, scheduler_interval=4,
+                       gate_lr=0.05, exact_target=exact), **config)
+    gm, rt = gated(mlp(), x[:8], **config)
+    steps = 40 + regrowth + 2 if steps is None else steps
+    train(gm, rt.step, batches(x, y, steps), torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9))
     return gm, rt
 
 
-def test_correction_runs_once_when_the_gates_freeze_and_only_with_exact_target():
+def test_corrections_run_at_the_end_of_pruning_and_when_the_gates_freeze_only_with_exact_target():
     gm, rt = _short_run(exact=False, regrowth=5)
     n = sum(g.score.numel() for g in rt.gates)
-    assert rt.phase == "frozen" and rt.correction is None
+    assert rt.phase == "frozen" and rt.corrections == []
     assert abs(rt.density() - 0.1) > 1 / n  # a schedule this short misses the target without the correction
     gm, rt = _short_run(exact=True, regrowth=5)
-    assert rt.correction is not None and rt.correction["step"] == 45
-    assert rt.correction["density_before"] != rt.correction["density_after"]
+    assert [c["step"] for c in rt.corrections] == [40, 45]
+    first = rt.corrections[0]
+    assert first["density_before"] != first["density_after"] and abs(first["density_after"] - 0.1) <= 0.5 / n
     assert abs(rt.density() - 0.1) <= 0.5 / n
     assert all(not g.score.requires_grad for g in rt.gates)
+    gm, rt = _short_run(exact=True, regrowth=0)
+    assert [c["step"] for c in rt.corrections] == [40]  # no regrowth: one correction, at the freeze
+
+
+def test_first_moment_is_reset_when_the_pressure_is_released():
+    """End of pruning: gamma drops to 0 and Adam's first moment (mostly pressure) is zeroed, so
+    regrowth's first gate update follows the flux alone; the second moment is kept."""
+    gm, rt = _short_run(exact=True, regrowth=5, steps=40)
+    assert rt.phase == "regrowth" and rt.gamma_eff == 0
+    assert all(bool((g.exp_avg == 0).all()) and bool((g.exp_avg_sq > 0).any()) for g in rt.gates)
+    gm, rt = _short_run(exact=False, regrowth=5, steps=40)
+    assert any(bool((g.exp_avg != 0).any()) for g in rt.gates)
+
+
+def test_predicted_density_extrapolates_each_score_at_its_adam_step():
+    gm, rt = gated(mlp((4, 5, 2)), torch.randn(4, 4), gate_lr=0.1, scheduler_interval=10, pruning_steps=100)
+    assert rt.predicted_density(10) == rt.density() == 1.0  # no Adam step yet: nothing in flight
+    with torch.no_grad():
+        for g in rt.gates:  # scores 0.04 .. 0.99, every one pushed down at a full step (m_hat / sqrt(v_hat) = 1)
+            g.score.copy_(torch.linspace(0.04, 0.99, g.score.numel()).view_as(g.score))
+            g.exp_avg.fill_(0.1)
+            g.exp_avg_sq.fill_(0.001)
+            g.adam_step.fill_(1.0)
+    before = [g.score.clone() for g in rt.gates]
+    expected = sum(int((b - 0.1 * 3 * (1 - 1e-6) >= 0).sum()) for b in before) / rt.total_cost
+    assert rt.predicted_density(3) == pytest.approx(expected, abs=1e-9) and expected < 1
+    assert all(torch.equal(b, g.score) for b, g in zip(before, rt.gates))  # scores untouched
+    assert rt.density() == 1.0
+
+
+def test_lookahead_controller_compares_the_prediction_with_the_next_target():
+    from fxprune.hyperflux.scheduler import PressureScheduler
+    sched = PressureScheduler(HyperfluxConfig(0.9, pruning_steps=100, scheduler_interval=10))
+    nxt = sched.trajectory[2]
+    sched.update(density=1.0, predicted=nxt - 1e-3)  # far above now, but the gates in flight reach the next target
+    assert sched.gamma == 0.0
+    sched.update(density=0.0, predicted=sched.trajectory[3] + 1e-3)  # below now, but not enough in flight
+    assert sched.gamma == pytest.approx(0.3)
+
+
+def test_lookahead_lands_closer_to_the_target_than_the_paper_controller():
+    """The short schedule of the tests: the paper's controller overshoots (too sparse); counting the
+    closures in flight cuts the overshoot (both before any correction)."""
+    misses = {}
+    for lookahead in (False, True):
+        gm, rt = _short_run(exact=False, steps=40, lookahead=lookahead, pruning_steps=40)
+        misses[lookahead] = abs(rt.density() - 0.1)
+    assert misses[True] < misses[False]
 
 
 def test_extra_state_is_a_float64_tensor_and_round_trips_exactly():
-    gm, rt = _short_run(exact=True)
+    gm, rt = _short_run(exact=True, regrowth=3)
     state = rt.get_extra_state()
     assert isinstance(state, torch.Tensor) and state.dtype == torch.float64 and state.dim() == 1
-    scheduler, correction, history = decode_state(state)
-    assert scheduler == rt.scheduler.state_dict() and correction == rt.correction and history == rt.history
-    assert isinstance(scheduler["steps"], int) and isinstance(history[0]["step"], int)
+    scheduler, corrections, history = decode_state(state)
+    assert scheduler == rt.scheduler.state_dict() and corrections == rt.corrections and history == rt.history
+    assert len(corrections) == 2 and isinstance(scheduler["steps"], int) and isinstance(history[0]["step"], int)
     legacy = {"scheduler": rt.scheduler.state_dict(), "history": rt.history}  # format 1 (a dict) still loads
-    assert torch.equal(encode_state(*decode_state(legacy)), encode_state(scheduler, None, history))
+    assert torch.equal(encode_state(*decode_state(legacy)), encode_state(scheduler, [], history))
     with pytest.raises(ValueError, match="unknown format"):
         decode_state(torch.zeros(3, dtype=torch.float64))
 
 
-def test_resume_after_the_correction_keeps_it():
-    gm_a, rt_a = _short_run(exact=True)
-    gm_b, rt_b = gated(mlp(), teacher_data()[0][:8], target_sparsity=0.9, pruning_steps=40, scheduler_interval=4,
-                       gate_lr=0.05, seed=7)
-    gm_b.load_state_dict(copy.deepcopy(gm_a.state_dict()))
-    assert rt_b.correction == rt_a.correction and rt_b.history == rt_a.history and rt_b.phase == "frozen"
-    assert rt_b.density() == rt_a.density()
-    rt_b.step()  # frozen: nothing moves, and the correction is not redone
-    assert rt_b.correction == rt_a.correction and rt_b.density() == rt_a.density()
+def test_resume_across_the_corrections_equals_uninterrupted():
+    gm_a, rt_a = _short_run(exact=True, regrowth=6)
+    x, y = teacher_data()
+    data = batches(x, y, 48)
+    for stop in (40, 43):  # right after the first correction, and in the middle of regrowth
+        torch.manual_seed(0)
+        config = dict(target_sparsity=0.9, pruning_steps=40, regrowth_steps=6, scheduler_interval=4, gate_lr=0.05)
+        gm_b, rt_b = gated(mlp(), x[:8], **config)
+        opt_b = torch.optim.SGD(gm_b.parameters(), lr=0.05, momentum=0.9)
+        train(gm_b, rt_b.step, data[:stop], opt_b)
+        saved = copy.deepcopy((gm_b.state_dict(), opt_b.state_dict()))
+        gm_c, rt_c = gated(mlp(), x[:8], **dict(config, seed=7))
+        opt_c = torch.optim.SGD(gm_c.parameters(), lr=0.05, momentum=0.9)
+        gm_c.load_state_dict(saved[0])
+        opt_c.load_state_dict(saved[1])
+        train(gm_c, rt_c.step, data[stop:], opt_c)
+        assert rt_c.corrections == rt_a.corrections and rt_c.history == rt_a.history
+        for key, value in gm_a.state_dict().items():
+            assert torch.equal(value, gm_c.state_dict()[key]), key
 
 
 def test_jit_tracing_a_wrapped_model_works_outside_fxprune_flops():

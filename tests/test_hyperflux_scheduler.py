@@ -27,6 +27,14 @@ def test_trajectory_prunes_fastest_first():
     assert ratios[-1] > 0.995  # settles near the paper's 0.999 per update
 
 
+@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)), min_size=1, max_size=60))
+def test_lookahead_gamma_never_negative(pairs):
+    sched = PressureScheduler(HyperfluxConfig(0.9, pruning_steps=1000, scheduler_interval=10))
+    for density, predicted in pairs:
+        sched.update(density, predicted)
+        assert sched.gamma >= 0 and sched.gamma_eff >= 0
+
+
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=60))
 def test_gamma_never_negative_and_moves_with_inertia(densities):
     config = HyperfluxConfig(0.9, pruning_steps=1000, scheduler_interval=10)
@@ -70,7 +78,7 @@ def test_phases_regrowth_lr_and_frozen():
     ("target_sparsity", 90), ("target_sparsity", 0.0), ("granularity", "filter"), ("pruning_steps", 0),
     ("regrowth_steps", -1), ("scheduler_interval", 0), ("scheduler_interval", 500), ("ste_scale", 0),
     ("gate_lr", float("nan")), ("gate_init", (-0.1, 0.5)), ("gate_init", (0.5, 0.2)), ("regrowth_lr_decay", 1.5),
-    ("weight_by", "flops"), ("filter", "conv"), ("gamma_step", -1.0),
+    ("weight_by", "flops"), ("filter", "conv"), ("gamma_step", -1.0), ("exact_target", 1), ("lookahead", "yes"),
 ])
 def test_config_errors_name_the_field(field, value):
     kwargs = dict(target_sparsity=0.9, pruning_steps=100)
@@ -84,4 +92,5 @@ def test_config_defaults_follow_the_paper():
     assert config.scheduler_interval == 10 and config.scheduler_updates == 100
     assert (config.ste_scale, config.gate_lr, config.gate_init) == (0.25, 1e-3, (0.2, 0.5))
     assert (config.gamma_step, config.gamma_inertia_step, config.pressure_exponent) == (0.3, 0.075, 1.5)
+    assert config.lookahead and config.exact_target  # fxprune's own additions, documented; False, False = paper
     assert math.isclose(config.target_density, 0.1)

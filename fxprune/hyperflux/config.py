@@ -2,7 +2,9 @@
 
 Units: sparsities and densities are fractions in [0, 1] (0.9 = 90 % pruned); durations are
 optimiser steps (calls of ``model.fxprune.step()``). Defaults follow the authors' code, except
-``exact_target`` (fxprune's own final correction, on by default; see its description).
+two of fxprune's own, on by default (see their descriptions): ``lookahead`` (the controller counts
+the closures in flight) and ``exact_target`` (the density is put on the target at the end of the
+pruning phase and when the gates freeze). ``lookahead=False, exact_target=False`` is the paper.
 """
 from __future__ import annotations
 
@@ -48,14 +50,24 @@ class HyperfluxConfig:
             (the paper's "aggressivity", 6).
         weight_by: how pressure and density count: "params" (each gated weight counts 1) or
             "macs" (each weight counts the multiply-adds it takes part in; a FLOPs target).
-        exact_target: when the gates freeze (end of pruning + regrowth), move the fewest gates
-            needed to put the density on the target: reopen the closed gates with the highest
-            scores, or close the open ones with the lowest (``HyperfluxRuntime.correct_density``).
-            Not in the paper, whose controller only steers gamma: a score reacts to the pressure
-            only after ~gate_init / gate_lr steps and Adam's momentum keeps closing gates after
-            gamma falls, so on short schedules the density ends a few points off the target
-            (usually below it: too sparse). The gates' own ranking chooses which weights move, so
-            this is the move the gates would make next. False: the paper's behaviour.
+        exact_target: put the density on the target when the pressure is released (end of the
+            pruning phase; regrowth then fine-tunes from there) and again when the gates freeze:
+            reopen the closed gates with the highest scores, or close the open ones with the
+            lowest, the fewest needed (``HyperfluxRuntime.correct_density``); moved scores land
+            ``gate_lr * scheduler_interval`` past 0, so batch noise does not flip them back. At the
+            release Adam's first moment of the scores is also zeroed: it holds the pressure just
+            removed and would keep closing gates for ~10 steps. Not in the paper, whose controller
+            only steers gamma: a score reacts to the pressure only after ~gate_init / gate_lr steps
+            and the momentum keeps closing gates after gamma falls, so on short schedules the
+            density ends a few points off the target (usually too sparse). The gates' own ranking
+            chooses which weights move: the move the gates would make next. False: the paper.
+        lookahead: the controller compares the density expected one interval ahead (every score
+            extrapolated at its current Adam step: the closures already in flight) with the next
+            target of the trajectory. The paper compares the current density with the current
+            target (False): since a score needs ~gate_init / gate_lr steps to cross 0, gamma keeps
+            rising while a wave of closures is already under way, and the density then overshoots
+            (too sparse). With the lookahead gamma stops rising, and falls, as soon as the gates in
+            flight will reach the trajectory. Same gains, inertia and trajectory as the paper.
         filter: ``filter(GateTarget) -> bool`` chooses the conv/linear weights to gate. None: every
             conv/linear weight (stem and classifier included) for CNNs; for ViT-like models (an
             ``attn.qkv`` linear exists) only the attention qkv/proj and MLP fc1/fc2 linears. With
@@ -78,6 +90,7 @@ class HyperfluxConfig:
     trajectory_steepness: float = 6.0
     weight_by: str = "params"
     exact_target: bool = True
+    lookahead: bool = True
     filter: Optional[Callable] = None
     seed: int = 0
 
@@ -100,8 +113,9 @@ class HyperfluxConfig:
             raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
         _gate_init(self.gate_init)
         _choice("weight_by", self.weight_by, WEIGHTINGS)
-        if not isinstance(self.exact_target, bool):
-            raise ConfigError(f"HyperfluxConfig.exact_target must be True or False, got {self.exact_target!r}")
+        for name in ("exact_target", "lookahead"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"HyperfluxConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.filter is not None and not callable(self.filter):
             raise ConfigError(f"HyperfluxConfig.filter must be a callable(GateTarget) -> bool or None, "
                               f"got {type(self.filter).__name__}")

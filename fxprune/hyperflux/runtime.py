@@ -23,7 +23,6 @@ from .scheduler import PressureScheduler
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-CLOSED_SCORE = -torch.finfo(torch.float32).tiny  # where correct_density() puts a gate it closes: just below 0
 
 
 @dataclass
@@ -78,7 +77,7 @@ class HyperfluxRuntime(nn.Module):
         self.example_inputs = example_inputs
         self.scheduler = PressureScheduler(config)
         self._history: list[dict] = []
-        self.correction: dict | None = None  # what correct_density() did when the gates froze
+        self.corrections: list[dict] = []  # what correct_density() did (exact_target: end of pruning, freeze)
         self.total_cost = float(sum(t.numel * t.cost for t in tensors))
 
     # -- the user's call -----------------------------------------------------------------
@@ -101,29 +100,38 @@ class HyperfluxRuntime(nn.Module):
         sched.advance()
         if sched.update_due():
             density = self.density()
-            sched.update(density)
+            sched.update(density, self.predicted_density(self.config.scheduler_interval)
+                         if self.config.lookahead else None)
             self._history.append({"step": sched.steps, "gamma": sched.gamma, "gamma_eff": sched.gamma_eff,
                                   "density": density, "target": sched.target()})
+        c = self.config
+        if c.exact_target and sched.steps in (c.pruning_steps, c.pruning_steps + c.regrowth_steps):
+            if sched.steps == c.pruning_steps:
+                # the pressure drops to 0 here, so its memory in Adam's first moment is stale (it
+                # would keep closing gates for ~1 / (1 - beta1) steps): regrowth starts without it
+                for g in self.gates:
+                    g.exp_avg.zero_()
+            self.correct_density()
         if sched.phase() == "frozen":
-            if self.config.exact_target and self.correction is None:
-                self.correct_density()
             self._set_trainable(False)
 
     @torch.no_grad()
     def correct_density(self, target: float | None = None) -> dict:
         """Move the fewest gates needed to bring the density as close to ``target`` as the gates'
-        granularity allows (default: the config's target density); done once, automatically, when
-        the gates freeze if ``config.exact_target`` (the default).
+        granularity allows (default: the config's target density). With ``config.exact_target``
+        (the default) it runs at the end of the pruning phase (regrowth then fine-tunes from the
+        target) and again when the gates freeze (removing what regrowth moved).
 
-        Below the target, the closed gates with the highest scores reopen (score set to 0, which
-        counts as open); above it, the open gates with the lowest scores close (score set just
-        below 0). A score integrates the gate's flux minus the pressure it felt, so the highest
-        closed scores are the gates whose flux argued longest for their weights, i.e. those the
+        Below the target, the closed gates with the highest scores reopen (score set to
+        ``margin``); above it, the open gates with the lowest scores close (score set to
+        ``-margin``). ``margin = gate_lr * scheduler_interval``: a moved gate flips back only after
+        a whole interval of steady flux against it, not on the noise of one batch. A score
+        integrates the gate's flux minus the pressure it felt, so the highest closed scores are the gates whose flux argued longest for their weights, i.e. those the
         gates themselves would reopen first; the lowest open ones, those they would close next.
         How many: a bisection over that order on the real density (monotone in the number of
         gates moved), so channel gates and MAC weighting are handled exactly.
 
-        Returns (and stores as ``self.correction``): step, density_before, density_after,
+        Returns (and appends to ``self.corrections``): step, density_before, density_after,
         reopened, closed (gate counts).
         """
         target = self.config.target_density if target is None else float(target)
@@ -133,13 +141,13 @@ class HyperfluxRuntime(nn.Module):
         reopen = before < target
         candidates = (flat < 0).nonzero().flatten() if reopen else (flat >= 0).nonzero().flatten()
         order = candidates[torch.sort(flat[candidates], descending=reopen, stable=True).indices]
-        value = 0.0 if reopen else CLOSED_SCORE
+        margin = self.config.gate_lr * self.config.scheduler_interval
+        value = margin if reopen else -margin
 
         def density_after(k: int) -> float:
             moved = flat.clone()
             moved[order[:k]] = value
-            for s, chunk in zip(scores, moved.split([s.numel() for s in scores])):
-                s.copy_(chunk.view_as(s))
+            self._write_scores(moved)
             return self.density()
 
         def reached(d: float) -> bool:
@@ -157,9 +165,37 @@ class HyperfluxRuntime(nn.Module):
                 high -= 1
         k = high if before != target else 0
         after = density_after(k)
-        self.correction = {"step": self.scheduler.steps, "density_before": before, "density_after": after,
-                           "reopened": k if reopen else 0, "closed": 0 if reopen else k}
-        return dict(self.correction)
+        self.corrections.append({"step": self.scheduler.steps, "density_before": before, "density_after": after,
+                                 "reopened": k if reopen else 0, "closed": 0 if reopen else k})
+        return dict(self.corrections[-1])
+
+    @torch.no_grad()
+    def predicted_density(self, horizon: int) -> float:
+        """The density ``horizon`` steps ahead if every score kept moving at its current Adam step
+        (``gate_lr * m_hat / (sqrt(v_hat) + eps)`` per step): counts the closures (and reopenings)
+        already in flight. The scores are left unchanged."""
+        lr = self.scheduler.gate_lr()
+        current = torch.cat([g.score.detach().flatten() for g in self.gates])
+        moved = []
+        for g in self.gates:
+            step = float(g.adam_step)
+            if step == 0:
+                moved.append(g.score.detach().flatten())
+                continue
+            m_hat = g.exp_avg / (1 - ADAM_BETAS[0] ** step)
+            v_hat = g.exp_avg_sq / (1 - ADAM_BETAS[1] ** step)
+            moved.append((g.score.detach() - horizon * lr * m_hat / (v_hat.sqrt() + ADAM_EPS)).flatten())
+        self._write_scores(torch.cat(moved))
+        try:
+            return self.density()
+        finally:
+            self._write_scores(current)
+
+    def _write_scores(self, flat: torch.Tensor) -> None:
+        """Copy ``flat`` (every gate's scores, concatenated in gate order) into the gates."""
+        scores = [g.score for g in self.gates]
+        for s, chunk in zip(scores, flat.split([s.numel() for s in scores])):
+            s.copy_(chunk.view_as(s))
 
     @torch.no_grad()
     def _complete_gradients(self, grad_scale: float | None) -> bool:
@@ -239,15 +275,15 @@ class HyperfluxRuntime(nn.Module):
 
     # -- state_dict ----------------------------------------------------------------------
     def get_extra_state(self) -> torch.Tensor:
-        """Scheduler state, final correction and history as one float64 tensor (see
+        """Scheduler state, density corrections and history as one float64 tensor (see
         :func:`encode_state`): a tensor, not a dict, so that ``torch.jit`` tracing of the wrapped
         model (fvcore, ONNX) works; float64 holds the Python ints and floats exactly."""
-        return encode_state(self.scheduler.state_dict(), self.correction, self._history)
+        return encode_state(self.scheduler.state_dict(), self.corrections, self._history)
 
     def set_extra_state(self, state) -> None:
-        scheduler, correction, history = decode_state(state)
+        scheduler, corrections, history = decode_state(state)
         self.scheduler.load_state_dict(scheduler)
-        self.correction = correction
+        self.corrections = corrections
         self._history = history
         self._set_trainable(self.scheduler.phase() != "frozen")
 
@@ -262,39 +298,39 @@ CORRECTION_KEYS = ("step", "density_before", "density_after", "reopened", "close
 _INTEGER_KEYS = ("step", "steps", "updates", "reopened", "closed")
 
 
-def encode_state(scheduler: dict, correction: dict | None, history: list[dict]) -> torch.Tensor:
-    """``[format, scheduler fields..., 1 and the correction fields (0 and zeros before it),
-    history row by row]``
+def encode_state(scheduler: dict, corrections: list[dict], history: list[dict]) -> torch.Tensor:
+    """``[format, scheduler fields..., number of corrections, correction rows..., history rows...]``
     as a float64 CPU tensor; field order from ``PressureScheduler.FIELDS``, ``CORRECTION_KEYS``
     and ``HISTORY_KEYS``."""
-    values = [STATE_FORMAT, *(scheduler[k] for k in PressureScheduler.FIELDS)]
-    values += [0.0] * (1 + len(CORRECTION_KEYS)) if correction is None else [1.0, *(correction[k] for k in CORRECTION_KEYS)]
+    values = [STATE_FORMAT, *(scheduler[k] for k in PressureScheduler.FIELDS), len(corrections)]
+    values += [c[k] for c in corrections for k in CORRECTION_KEYS]
     values += [h[k] for h in history for k in HISTORY_KEYS]
     return torch.tensor(values, dtype=torch.float64)
 
 
-def decode_state(state) -> tuple[dict, dict | None, list[dict]]:
-    """(scheduler state, correction or None, history) from :func:`encode_state`'s tensor or from
-    the dict that format 1 saved."""
+def decode_state(state) -> tuple[dict, list[dict], list[dict]]:
+    """(scheduler state, corrections, history) from :func:`encode_state`'s tensor or from the
+    dict that format 1 saved."""
     if isinstance(state, dict):
-        return dict(state["scheduler"]), state.get("correction"), [dict(h) for h in state["history"]]
+        return dict(state["scheduler"]), [], [dict(h) for h in state["history"]]
     values = state.detach().cpu().double().tolist()
     if not values or values[0] != STATE_FORMAT:
         raise ValueError(f"Hyperflux extra state: unknown format {values[:1]} (expected {STATE_FORMAT})")
-    n_sched, n_corr = len(PressureScheduler.FIELDS), 1 + len(CORRECTION_KEYS)
-    fields = values[1:1 + n_sched]
-    correction = values[1 + n_sched:1 + n_sched + n_corr]
-    rows = values[1 + n_sched + n_corr:]
-    if len(rows) % len(HISTORY_KEYS):
-        raise ValueError(f"Hyperflux extra state: {len(rows)} history values do not make rows of "
-                         f"{len(HISTORY_KEYS)}")
+    n_sched = len(PressureScheduler.FIELDS)
+    scheduler = _record(PressureScheduler.FIELDS, values[1:1 + n_sched])
+    n_corr = int(values[1 + n_sched]) * len(CORRECTION_KEYS)
+    corrections = _rows(CORRECTION_KEYS, values[2 + n_sched:2 + n_sched + n_corr])
+    return scheduler, corrections, _rows(HISTORY_KEYS, values[2 + n_sched + n_corr:])
 
-    def record(keys, row) -> dict:
-        return {k: int(v) if k in _INTEGER_KEYS else v for k, v in zip(keys, row)}
 
-    scheduler = record(PressureScheduler.FIELDS, fields)
-    history = [record(HISTORY_KEYS, rows[i:i + len(HISTORY_KEYS)]) for i in range(0, len(rows), len(HISTORY_KEYS))]
-    return scheduler, record(CORRECTION_KEYS, correction[1:]) if correction[0] else None, history
+def _record(keys: tuple, row: list) -> dict:
+    return {k: int(v) if k in _INTEGER_KEYS else v for k, v in zip(keys, row)}
+
+
+def _rows(keys: tuple, values: list) -> list[dict]:
+    if len(values) % len(keys):
+        raise ValueError(f"Hyperflux extra state: {len(values)} values do not make rows of {len(keys)}")
+    return [_record(keys, values[i:i + len(keys)]) for i in range(0, len(values), len(keys))]
 
 
 def _kept_elements(tensor: GatedTensor) -> torch.Tensor:

@@ -110,13 +110,21 @@ class PressureScheduler:
         if self.phase() != "pruning":
             self.gamma = self.inertia_up = self.inertia_down = 0.0
 
-    def update(self, density: float) -> None:
-        """One controller update: compare ``density`` with the trajectory and move gamma."""
+    def update(self, density: float, predicted: float | None = None) -> None:
+        """One controller update: compare ``density`` with the trajectory and move gamma.
+
+        With ``predicted`` (the density expected one interval ahead from the gates' current
+        motion, ``config.lookahead``), that is compared with the trajectory's next target instead.
+        """
         self.updates += 1
         if self.phase() != "pruning":
             return
         c = self.config
-        if density > self.target():
+        if predicted is None:
+            above = density > self.target()
+        else:
+            above = predicted > self.trajectory[min(self.updates + 1, len(self.trajectory) - 1)]
+        if above:
             self.gamma += c.gamma_step + self.inertia_up
             self.inertia_up += c.gamma_inertia_step
             self.inertia_down = 0.0
