@@ -14,9 +14,14 @@ A site is a conv -> [Identity/Dropout]* -> [BatchNorm (eval)] -> [Identity/Dropo
 whose conv reduces over one exchangeable space, called on a 2-D feature tensor and a plain
 ``edge_index`` tensor (not SparseTensor).
 
+GINConv computes nn((1 + eps) x_i + sum_j x_j): its site is the first block of its ``nn``
+(Linear -> [BatchNorm] -> ReLU, in an ``nn.Sequential`` or a PyG ``MLP``), predicted after the
+aggregation like the layers above; the rest of ``nn`` then runs as usual (:class:`GINENPOp`).
+
 ``fxprune.integrations.pyg`` registers :func:`find_sites` with the analysis and :func:`inject_site`
 for sites with ``op == "message_passing"`` with the ExPrune pass, so
-``fxprune.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))`` puts ops there. The ops record the replaced chain (``op.chain``) in the core's format, so
+``fxprune.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))`` puts ops there. The ops
+record the replaced chain (``op.chain``) in the core's format, so
 ``fxprune.exprune.strip_exprune`` and ``fxprune.export`` restore the dense layers.
 """
 from __future__ import annotations
@@ -28,9 +33,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GCNConv, GraphConv, MessagePassing, SAGEConv
+from torch_geometric.nn import GCNConv, GINConv, GraphConv, MessagePassing, SAGEConv
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.nn.dense.linear import Linear as PygLinear
+from torch_geometric.nn.models import MLP
 
 from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
 from fxprune.errors import WrapError
@@ -38,7 +45,7 @@ from fxprune.exprune.config import ExPruneConfig
 from fxprune.exprune.inject import record_chain
 from fxprune.exprune.ops import ENPOp
 
-__all__ = ["MessagePassingENPOp", "find_sites", "inject_site", "LAYERS"]
+__all__ = ["MessagePassingENPOp", "GINENPOp", "find_sites", "inject_site", "LAYERS"]
 
 OP_ATTR = "exprune"
 # layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
@@ -138,6 +145,78 @@ class MessagePassingENPOp(ENPOp):
         return out
 
 
+class GINENPOp(MessagePassingENPOp):
+    """ENP for the first block of a GINConv's ``nn`` (Linear -> [BN] -> ReLU) on the aggregated
+    features (1 + eps) x_i + sum_j x_j; the rest of ``nn`` (after that ReLU) then runs unchanged.
+
+    ``tail`` says where the rest starts: an index into an ``nn.Sequential``, or -1 for a PyG ``MLP``
+    (its first block's dropout, then its layers from the second on).
+    """
+
+    def __init__(self, site: str, conv: nn.Module, rule: str, k: int, n: int, *, tail: int, **kwargs):
+        super().__init__(site, conv, rule, k, n, **kwargs)
+        self.tail = tail
+
+    def aggregate(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        conv = self.conv
+        return conv.propagate(edge_index, x=(x, x), size=None) + (1 + conv.eps) * x
+
+    def forward(self, x: Tensor, edge_index: Tensor | None = None, edge_weight: Tensor | None = None,
+                **tensors) -> Tensor:
+        return self._rest(super().forward(x, edge_index, edge_weight, **tensors))
+
+    def _rest(self, h: Tensor) -> Tensor:
+        net = self.conv.nn
+        if self.tail >= 0:
+            for module in list(net)[self.tail:]:
+                h = module(h)
+            return h
+        h = F.dropout(h, p=net.dropout[0], training=net.training)  # PyG MLP from its second block on
+        for i in range(1, len(net.norms)):
+            h = net.lins[i](h)
+            if net.act is not None and net.act_first:
+                h = net.act(h)
+            h = net.norms[i](h)
+            if net.act is not None and not net.act_first:
+                h = net.act(h)
+            h = F.dropout(h, p=net.dropout[i], training=net.training)
+        if net.plain_last:
+            h = F.dropout(net.lins[-1](h), p=net.dropout[-1], training=net.training)
+        return h
+
+
+def _gin_block(conv: GINConv) -> tuple[str, str | None, int] | str:
+    """(first linear, its BatchNorm or None, tail) of a GINConv's nn (paths relative to the conv), or
+    the reason its first block is not Linear -> [BatchNorm1d] -> ReLU."""
+    net = conv.nn
+    if isinstance(net, nn.Sequential):
+        children = list(net)
+        if not children or type(children[0]) is not nn.Linear:
+            return "its nn does not start with an nn.Linear"
+        bn = None
+        for i, child in enumerate(children[1:], 1):
+            if isinstance(child, (nn.Identity, nn.Dropout)):
+                continue
+            if bn is None and type(child) is nn.BatchNorm1d and child.track_running_stats:
+                bn = f"nn.{i}"
+                continue
+            if type(child) is nn.ReLU:
+                return "nn.0", bn, i + 1
+            return f"its nn's first Linear is followed by {type(child).__name__}, not ReLU"
+        return "its nn has no ReLU after the first Linear"
+    if isinstance(net, MLP):
+        if type(net.act) is not nn.ReLU or net.act_first or len(net.norms) == 0 or type(net.lins[0]) is not PygLinear:
+            return "its MLP's first block is not Linear -> [BatchNorm] -> ReLU"
+        norm = net.norms[0]
+        if isinstance(norm, nn.Identity):
+            return "nn.lins.0", None, -1
+        bn = norm.module if isinstance(norm, pyg_norm.BatchNorm) else None
+        if type(bn) is nn.BatchNorm1d and bn.track_running_stats:
+            return "nn.lins.0", "nn.norms.0.module", -1
+        return f"its MLP's first norm is {type(norm).__name__}, not BatchNorm"
+    return f"its nn is a {type(net).__name__} (nn.Sequential and PyG MLP are supported)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Site matching
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +228,7 @@ def _shape(node: Any) -> tuple | None:
 
 def _call_inputs(node: fx.Node, conv: nn.Module) -> dict | str:
     """x, edge_index, edge_weight of a layer call, or the reason the call is not supported."""
-    names = ("x", "edge_index", "edge_weight" if not isinstance(conv, SAGEConv) else "size", "size")
+    names = ("x", "edge_index", "edge_weight" if isinstance(conv, (GCNConv, GraphConv)) else "size", "size")
     given = dict(zip(names, node.args))
     given.update(node.kwargs)
     x, edge_index = given.get("x"), given.get("edge_index")
@@ -227,7 +306,7 @@ def _follow(node: fx.Node, modules: dict) -> tuple[list[fx.Node], str | None, st
 
 
 def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejected]]:
-    """ENP sites at GCNConv / SAGEConv / GraphConv layers of an analysed graph, and the rejected
+    """ENP sites at GCNConv / SAGEConv / GraphConv / GINConv layers of an analysed graph, and the rejected
     message passing layers (other layer types included, with the reason)."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     sites, rejected = [], []
@@ -236,11 +315,14 @@ def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejec
         if not isinstance(conv, MessagePassing):
             continue
         layer = _layer(conv)
-        if layer is None:
-            rejected.append(Rejected(node.target, "message_passing", f"ExPrune inside {type(conv).__name__} is not "
-                                                                     f"supported yet (GCNConv, SAGEConv and GraphConv are)"))
+        if isinstance(conv, GINConv):
+            site_or_reason = _match_gin(node, conv, spaces)
+        elif layer is None:
+            reason = f"ExPrune inside {type(conv).__name__} is not supported yet (GCNConv, SAGEConv, GraphConv, GINConv are)"
+            rejected.append(Rejected(node.target, "message_passing", reason))
             continue
-        site_or_reason = _match(node, conv, layer, modules, spaces)
+        else:
+            site_or_reason = _match(node, conv, layer, modules, spaces)
         if isinstance(site_or_reason, str):
             rejected.append(Rejected(node.target, "message_passing", site_or_reason))
         else:
@@ -277,6 +359,28 @@ def _match(node: fx.Node, conv: nn.Module, layer: tuple, modules: dict, spaces: 
                 skipped=[c.name for c in chain[1:-1] if is_transparent(c, modules)])
 
 
+def _match_gin(node: fx.Node, conv: GINConv, spaces: list) -> Site | str:
+    if conv.aggr not in ("add", "sum", "mean"):
+        return f"GINConv with aggr={conv.aggr!r}: the prediction after aggregation needs a linear aggregation"
+    block = _gin_block(conv)
+    inputs = _call_inputs(node, conv)
+    if isinstance(block, str) or isinstance(inputs, str):
+        return block if isinstance(block, str) else inputs
+    lin, bn, _ = block
+    weight = conv.get_submodule(lin).weight
+    n = weight.shape[1]
+    space = _reduction_space(spaces, _join(node.target, lin, "weight"), n)
+    if isinstance(space, str):
+        return space
+    if n < 2:
+        return "reduction size < 2"
+    rows = _shape(inputs["x"])[0]
+    pattern = "ginconv-linear" + ("-bn" if bn else "") + "-relu"
+    return Site(name=node.target, kind="enp", n=n, pattern=pattern, op="message_passing", node=node.name,
+                space=space.id, macs=rows * weight.numel(), out_shape=(rows, weight.shape[0]),
+                bn=_join(node.target, bn) if bn else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Injection
 # ---------------------------------------------------------------------------------------------
@@ -286,23 +390,28 @@ def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneCo
     nodes = {n.name: n for n in gm.graph.nodes}
     first = nodes[site.node]
     conv = modules[site.name]
-    chain, _, _ = _follow(first, modules)
-    bn = modules[site.bn] if site.bn else None
+    bn = gm.get_submodule(site.bn) if site.bn else None
     if bn is not None and bn.training:
         raise WrapError(f"BatchNorm '{site.bn}' (after PyG layer '{site.name}') is in training mode; ExPrune folds its "
                         f"running statistics: call model.eval() before wrapping with exprune=")
-    op = MessagePassingENPOp(site.name, conv, config.rule, config.k, site.n, eps=bn.eps if bn is not None else None,
-                             threshold=config.threshold_of(site.name), alpha=config.alpha_of(site.name))
+    knobs = dict(eps=bn.eps if bn is not None else None, threshold=config.threshold_of(site.name),
+                 alpha=config.alpha_of(site.name))
+    if isinstance(conv, GINConv):  # the ReLU is inside the layer: the chain is the layer call
+        lin, _, tail = _gin_block(conv)
+        chain = [first]
+        op = GINENPOp(site.name, conv, config.rule, config.k, site.n, tail=tail, **knobs)
+        attrs = {"weight": _join(site.name, lin, "weight"), "bias": _join(site.name, lin, "bias")}
+    else:
+        chain, _, _ = _follow(first, modules)
+        op = MessagePassingENPOp(site.name, conv, config.rule, config.k, site.n, **knobs)
+        rel, root, bias_owner, bias_name = _layer(conv)
+        attrs = {"weight": _join(site.name, rel, "weight"), "bias": _join(site.name, bias_owner, bias_name)}
+        if root is not None and getattr(conv, root, None) is not None:
+            attrs["root_weight"] = _join(site.name, root, "weight")
     op.train(conv.training)
     conv.add_module(OP_ATTR, op)
-
     inputs = _call_inputs(first, conv)
     op.chain = record_chain(chain, inputs)
-
-    rel, root, bias_owner, bias_name = _layer(conv)
-    attrs = {"weight": _join(site.name, rel, "weight"), "bias": _join(site.name, bias_owner, bias_name)}
-    if root is not None and getattr(conv, root, None) is not None:
-        attrs["root_weight"] = _join(site.name, root, "weight")
     if site.bn:
         attrs.update(running_mean=f"{site.bn}.running_mean", running_var=f"{site.bn}.running_var",
                      bn_weight=f"{site.bn}.weight", bn_bias=f"{site.bn}.bias")

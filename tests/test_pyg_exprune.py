@@ -12,7 +12,7 @@ from fxprune.integrations import pyg  # noqa: E402
 from fxprune.exprune import strip_exprune  # noqa: E402
 from fxprune.integrations.pyg_exprune import MessagePassingENPOp  # noqa: E402
 from permutation import randomize_  # noqa: E402
-from torch_geometric.nn import GCNConv, GraphConv, SAGEConv  # noqa: E402
+from torch_geometric.nn import GCNConv, GINConv, GraphConv, SAGEConv  # noqa: E402
 from torch_geometric.nn.models import GCN, GraphSAGE  # noqa: E402
 from torch_geometric.utils import to_dense_adj  # noqa: E402
 from test_pyg import graph  # noqa: E402
@@ -43,16 +43,23 @@ def dense_aggregate(layer: nn.Module, x: torch.Tensor, edge_index: torch.Tensor)
         return (d[:, None] * adj * d[None, :]) @ x
     if isinstance(layer, SAGEConv):  # mean of the in-neighbours
         return adj @ x / adj.sum(1, keepdim=True).clamp_min(1)
+    if isinstance(layer, GINConv):  # sum plus the node itself
+        return adj @ x + (1 + layer.eps) * x
     return adj @ x  # GraphConv: sum
 
 
 def reference(model: Net, x, edge_index, threshold: float | None = None, alpha: float | None = None):
     """EXPRUNE.md semantics for the layer site: (output, predicted, statistic m); predicted elements
-    are 0, the others the dense value."""
+    are 0, the others the dense value. GINConv: the site is its nn's Linear -> BN -> ReLU, the rest
+    of nn follows."""
     layer = model.layer
     h = model.lift(x).relu()
     agg = dense_aggregate(layer, h, edge_index)
-    if isinstance(layer, GCNConv):
+    bn = model.bn
+    if isinstance(layer, GINConv):
+        w, root, b = layer.nn[0].weight, None, layer.nn[0].bias
+        bn = layer.nn[1]
+    elif isinstance(layer, GCNConv):
         w, root, b = layer.lin.weight, None, layer.bias
     elif isinstance(layer, SAGEConv):
         w, root, b = layer.lin_l.weight, layer.lin_r.weight, layer.lin_l.bias
@@ -64,8 +71,7 @@ def reference(model: Net, x, edge_index, threshold: float | None = None, alpha: 
     n = w.shape[1]
     pre = terms.sum(-1) + b
     a, shift = torch.ones_like(b), b
-    if isinstance(model.bn, nn.BatchNorm1d):
-        bn = model.bn
+    if isinstance(bn, nn.BatchNorm1d):
         a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = a * (b - bn.running_mean) + bn.bias
         pre = a * (pre - b) + shift
@@ -76,7 +82,10 @@ def reference(model: Net, x, edge_index, threshold: float | None = None, alpha: 
     else:
         v = a ** 2 * (q_k / K - (s_k / K) ** 2)
         predicted = m / torch.sqrt(v / K) < torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(alpha))
-    return torch.where(predicted, torch.zeros_like(pre), pre.relu()), predicted, m
+    out = torch.where(predicted, torch.zeros_like(pre), pre.relu())
+    if isinstance(layer, GINConv):
+        out = layer.nn[3](out)
+    return out, predicted, m
 
 
 def _wrapped(layer, bn=False, **config):
@@ -110,7 +119,9 @@ def _site_output(wrapped, inputs):
 
 
 LAYERS = {"gcn": lambda: GCNConv(40, 24), "sage": lambda: SAGEConv(40, 24),
-          "sage-max": lambda: SAGEConv(40, 24, aggr="max"), "graphconv": lambda: GraphConv(40, 24)}
+          "sage-max": lambda: SAGEConv(40, 24, aggr="max"), "graphconv": lambda: GraphConv(40, 24),
+          "gin": lambda: GINConv(nn.Sequential(nn.Linear(40, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 24)),
+                                 eps=0.3)}
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -134,7 +145,7 @@ def test_threshold_rule_matches_the_reference(kind, bn):
     torch.testing.assert_close(_site_output(wrapped, inputs), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gcn", "sage"])
+@pytest.mark.parametrize("kind", ["gcn", "sage", "gin"])
 def test_ztest_rule_matches_the_reference(kind):
     model, wrapped, inputs = _wrapped(LAYERS[kind](), True, rule="ztest", alpha=0.2)
     expected, predicted, _ = reference(model, *inputs, alpha=0.2)
@@ -188,8 +199,9 @@ def test_safe_settings_preserve_outputs_and_thresholds_save_macs():
     assert 0 < saved[0] <= saved[1] <= saved[2]  # monotonic in T
 
 
-def test_core_strip_and_export_restore_the_dense_layers():
-    model, wrapped, inputs = _wrapped(SAGEConv(40, 24), True, threshold="median")
+@pytest.mark.parametrize("kind", ["sage", "gin"])
+def test_core_strip_and_export_restore_the_dense_layers(kind):
+    model, wrapped, inputs = _wrapped(LAYERS[kind](), True, threshold="median")
     exported = fxprune.export(wrapped, inputs)
     assert not any(isinstance(m, MessagePassingENPOp) for m in exported.modules())
     strip_exprune(wrapped)
