@@ -130,7 +130,8 @@ def _graph_module_attributes() -> frozenset[str]:
     return frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph()))) - frozenset(dir(nn.Module()))
 
 
-def check_names(model: nn.Module, graph: fx.Graph, reserved: Iterable[str], owner: str = "torch.fx.GraphModule") -> None:
+def check_names(model: nn.Module, graph: fx.Graph, reserved: Iterable[str],
+                owner: str = "torch.fx.GraphModule") -> None:
     """NameClashError when a module or attribute the graph reads sits at a top-level name in ``reserved``."""
     reserved = set(reserved)
     for node in graph.nodes:

@@ -90,7 +90,8 @@ def wrap(
     reference = _eval_outputs(private, inputs) if check else None
     analysis = analyze(private, inputs, leaf_modules=leaf_modules)
     captured = analysis.graph_module
-    check_names(private, captured.graph, ("fxprune",), owner="module made by fxprune.wrap (model.fxprune is its controller)")
+    check_names(private, captured.graph, ("fxprune",),
+                owner="module made by fxprune.wrap (model.fxprune is its controller)")
     gm = WrappedModule(captured, captured.graph, class_name=type(model).__name__)
     gm.train(model.training)
     analysis.graph_module = gm

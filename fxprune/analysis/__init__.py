@@ -2,7 +2,8 @@
 
 ``analyze(model, example_inputs)`` captures the model (``fxprune.capture``), builds the channel
 spaces (``spaces.py``, driven by the rule registry in ``rules.py``) and matches sites
-(``sites.py``, plus the site and gate finders integrations register there). Everything is also stored on the graph (``node.meta``) of ``Analysis.graph_module``.
+(``sites.py``, plus the site and gate finders integrations register there). Everything is also
+stored on the graph (``node.meta``) of ``Analysis.graph_module``.
 """
 from __future__ import annotations
 
