@@ -86,13 +86,13 @@ def _short_run(exact: bool, regrowth: int = 0, steps: int | None = None, **confi
     return gm, rt
 
 
-def test_corrections_run_at_the_end_of_pruning_and_when_the_gates_freeze_only_with_exact_target():
+def test_corrections_run_at_the_end_of_pruning_in_regrowth_and_at_the_freeze_only_with_exact_target():
     gm, rt = _short_run(exact=False, regrowth=5)
     n = sum(g.score.numel() for g in rt.gates)
     assert rt.phase == "frozen" and rt.corrections == []
     assert abs(rt.density() - 0.1) > 1 / n  # a schedule this short misses the target without the correction
     gm, rt = _short_run(exact=True, regrowth=5)
-    assert [c["step"] for c in rt.corrections] == [40, 45]
+    assert [c["step"] for c in rt.corrections] == [40, 44, 45]  # release, each regrowth interval, freeze
     first = rt.corrections[0]
     assert first["density_before"] != first["density_after"] and abs(first["density_after"] - 0.1) <= 0.5 / n
     assert abs(rt.density() - 0.1) <= 0.5 / n

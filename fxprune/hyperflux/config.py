@@ -51,8 +51,9 @@ class HyperfluxConfig:
         weight_by: how pressure and density count: "params" (each gated weight counts 1) or
             "macs" (each weight counts the multiply-adds it takes part in; a FLOPs target).
         exact_target: put the density on the target when the pressure is released (end of the
-            pruning phase; regrowth then fine-tunes from there) and again when the gates freeze:
-            reopen the closed gates with the highest scores, or close the open ones with the
+            pruning phase; regrowth then fine-tunes from there), at every scheduler interval of
+            regrowth (what the flux reopens replaces the weakest open gates: a swap, so the final
+            step changes little) and when the gates freeze: reopen the closed gates with the highest scores, or close the open ones with the
             lowest, the fewest needed (``HyperfluxRuntime.correct_density``); moved scores land
             ``gate_lr * scheduler_interval`` past 0, so batch noise does not flip them back. At the
             release Adam's first moment of the scores is also zeroed: it holds the pressure just

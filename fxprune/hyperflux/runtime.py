@@ -105,7 +105,7 @@ class HyperfluxRuntime(nn.Module):
             self._history.append({"step": sched.steps, "gamma": sched.gamma, "gamma_eff": sched.gamma_eff,
                                   "density": density, "target": sched.target()})
         c = self.config
-        if c.exact_target and sched.steps in (c.pruning_steps, c.pruning_steps + c.regrowth_steps):
+        if self._correction_due():
             if sched.steps == c.pruning_steps:
                 # the pressure drops to 0 here, so its memory in Adam's first moment is stale (it
                 # would keep closing gates for ~1 / (1 - beta1) steps): regrowth starts without it
@@ -115,12 +115,22 @@ class HyperfluxRuntime(nn.Module):
         if sched.phase() == "frozen":
             self._set_trainable(False)
 
+    def _correction_due(self) -> bool:
+        """With ``exact_target``: at the end of the pruning phase, at every scheduler interval of
+        the regrowth phase, and at its end (when the gates freeze)."""
+        c, steps = self.config, self.scheduler.steps
+        end = c.pruning_steps + c.regrowth_steps
+        return c.exact_target and c.pruning_steps <= steps <= end and (
+            (steps - c.pruning_steps) % c.scheduler_interval == 0 or steps == end)
+
     @torch.no_grad()
     def correct_density(self, target: float | None = None) -> dict:
         """Move the fewest gates needed to bring the density as close to ``target`` as the gates'
         granularity allows (default: the config's target density). With ``config.exact_target``
-        (the default) it runs at the end of the pruning phase (regrowth then fine-tunes from the
-        target) and again when the gates freeze (removing what regrowth moved).
+        (the default) it runs at the end of the pruning phase, so that regrowth fine-tunes from
+        the target, at every scheduler interval of regrowth, so that what the flux reopens there
+        pushes out the weakest open gates (a swap) instead of drifting the density, and when the
+        gates freeze.
 
         Below the target, the closed gates with the highest scores reopen (score set to
         ``margin``); above it, the open gates with the lowest scores close (score set to
