@@ -13,7 +13,7 @@ their hidden features become spaces of their own (tensors named ``<node>.<submod
 
 Extensions of the core (registered on import, so ``fxprune.analyze`` / ``fxprune.wrap`` see them):
 the Hyperflux gate targets inside the layers (:func:`gate_targets`), the ExPrune sites of GCNConv /
-SAGEConv / GraphConv / GINConv and their injection (:mod:`fxprune.integrations.pyg_exprune`), and
+SAGEConv / GraphConv / GINConv / EdgeConv and their injection (:mod:`fxprune.integrations.pyg_exprune`), and
 ``torch.compile`` options (:func:`compile_options`). ``wrap`` is a backward-compatible alias of
 ``fxprune.wrap``.
 """

@@ -17,6 +17,9 @@ whose conv reduces over one exchangeable space, called on a 2-D feature tensor a
 GINConv computes nn((1 + eps) x_i + sum_j x_j): its site is the first block of its ``nn``
 (Linear -> [BatchNorm] -> ReLU, in an ``nn.Sequential`` or a PyG ``MLP``), predicted after the
 aggregation like the layers above; the rest of ``nn`` then runs as usual (:class:`GINENPOp`).
+EdgeConv computes max_j nn([x_i, x_j - x_i]): the same block is predicted per edge, channel c of x
+being the pair of terms (x_ic, x_jc - x_ic) (:class:`EdgeConvENPOp`). GATConv has no site: its
+attention logits read the whole projection W x, so no part of it can be skipped.
 
 ``fxprune.integrations.pyg`` registers :func:`find_sites` with the analysis and :func:`inject_site`
 for sites with ``op == "message_passing"`` with the ExPrune pass, so
@@ -33,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GCNConv, GINConv, GraphConv, MessagePassing, SAGEConv
+from torch_geometric.nn import EdgeConv, GCNConv, GINConv, GraphConv, MessagePassing, SAGEConv
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.nn.dense.linear import Linear as PygLinear
@@ -45,7 +48,9 @@ from fxprune.exprune.config import ExPruneConfig
 from fxprune.exprune.inject import record_chain
 from fxprune.exprune.ops import ENPOp
 
-__all__ = ["MessagePassingENPOp", "GINENPOp", "find_sites", "inject_site", "LAYERS"]
+__all__ = ["MessagePassingENPOp", "GINENPOp", "EdgeConvENPOp", "find_sites", "inject_site", "LAYERS"]
+
+PER_FEATURE = ("add", "sum", "mean", "max", "min")
 
 OP_ATTR = "exprune"
 # layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
@@ -111,8 +116,8 @@ class MessagePassingENPOp(ENPOp):
                 running_mean: Tensor | None = None, running_var: Tensor | None = None,
                 bn_weight: Tensor | None = None, bn_bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         self._check_eval()
-        k = self.k
-        agg = self.aggregate(x, edge_index, edge_weight)
+        k, nodes = self.k, x.shape[0]
+        agg, x, weight, root_weight = self._operands(x, edge_index, edge_weight, weight, root_weight)
         s_k = F.linear(agg[:, :k], weight[:, :k])
         rest = F.linear(agg[:, k:], weight[:, k:])
         q_k = F.linear(agg[:, :k] ** 2, weight[:, :k] ** 2) if self.rule == "ztest" else None
@@ -142,6 +147,15 @@ class MessagePassingENPOp(ENPOp):
             nnz_r = (terms[:, k:] != 0).flatten(1).sum(1)
             self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), save=nnz_r.expand_as(out),
                               overhead=overhead)
+        return self._finish(out, edge_index, nodes)
+
+    def _operands(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, weight: Tensor,
+                  root_weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(features the weight reads, features the root weight reads, weight, root weight)."""
+        return self.aggregate(x, edge_index, edge_weight), x, weight, root_weight
+
+    def _finish(self, out: Tensor, edge_index: Tensor, nodes: int) -> Tensor:
+        """What the layer does after the predicted block (nothing: the block is the layer)."""
         return out
 
 
@@ -161,9 +175,8 @@ class GINENPOp(MessagePassingENPOp):
         conv = self.conv
         return conv.propagate(edge_index, x=(x, x), size=None) + (1 + conv.eps) * x
 
-    def forward(self, x: Tensor, edge_index: Tensor | None = None, edge_weight: Tensor | None = None,
-                **tensors) -> Tensor:
-        return self._rest(super().forward(x, edge_index, edge_weight, **tensors))
+    def _finish(self, out: Tensor, edge_index: Tensor, nodes: int) -> Tensor:
+        return self._rest(out)
 
     def _rest(self, h: Tensor) -> Tensor:
         net = self.conv.nn
@@ -185,9 +198,24 @@ class GINENPOp(MessagePassingENPOp):
         return h
 
 
-def _gin_block(conv: GINConv) -> tuple[str, str | None, int] | str:
-    """(first linear, its BatchNorm or None, tail) of a GINConv's nn (paths relative to the conv), or
-    the reason its first block is not Linear -> [BatchNorm1d] -> ReLU."""
+class EdgeConvENPOp(GINENPOp):
+    """ENP for the first block of an EdgeConv's ``nn`` on each edge's [x_i, x_j - x_i]: channel c of
+    x is the term W[:, c] x_ic + W[:, C + c] (x_jc - x_ic) (the weight's columns c and C + c). The
+    rest of ``nn`` runs per edge, then the layer's aggregation (max by default) per target node.
+    MACs count per edge (rows = edges)."""
+
+    def _operands(self, x, edge_index, edge_weight, weight, root_weight):
+        src, dst = edge_index[0], edge_index[1]  # flow source_to_target: j -> i
+        x_i, c = x.index_select(0, dst), x.shape[1]
+        return x_i, x.index_select(0, src) - x_i, weight[:, :c], weight[:, c:]
+
+    def _finish(self, out: Tensor, edge_index: Tensor, nodes: int) -> Tensor:
+        return self.conv.aggr_module(self._rest(out), edge_index[1], dim_size=nodes)
+
+
+def _nn_block(conv: GINConv | EdgeConv) -> tuple[str, str | None, int] | str:
+    """(first linear, its BatchNorm or None, tail) of a GINConv's or EdgeConv's nn (paths relative to
+    the conv), or the reason its first block is not Linear -> [BatchNorm1d] -> ReLU."""
     net = conv.nn
     if isinstance(net, nn.Sequential):
         children = list(net)
@@ -306,7 +334,7 @@ def _follow(node: fx.Node, modules: dict) -> tuple[list[fx.Node], str | None, st
 
 
 def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejected]]:
-    """ENP sites at GCNConv / SAGEConv / GraphConv / GINConv layers of an analysed graph, and the rejected
+    """ENP sites of GCNConv / SAGEConv / GraphConv / GINConv / EdgeConv layers of a graph, and the rejected
     message passing layers (other layer types included, with the reason)."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     sites, rejected = [], []
@@ -315,10 +343,11 @@ def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejec
         if not isinstance(conv, MessagePassing):
             continue
         layer = _layer(conv)
-        if isinstance(conv, GINConv):
-            site_or_reason = _match_gin(node, conv, spaces)
+        if isinstance(conv, (GINConv, EdgeConv)):
+            site_or_reason = _match_nn_block(node, conv, spaces)
         elif layer is None:
-            reason = f"ExPrune inside {type(conv).__name__} is not supported yet (GCNConv, SAGEConv, GraphConv, GINConv are)"
+            reason = (f"ExPrune inside {type(conv).__name__} is not supported yet "
+                      f"(GCNConv, SAGEConv, GraphConv, GINConv and EdgeConv are)")
             rejected.append(Rejected(node.target, "message_passing", reason))
             continue
         else:
@@ -359,26 +388,41 @@ def _match(node: fx.Node, conv: nn.Module, layer: tuple, modules: dict, spaces: 
                 skipped=[c.name for c in chain[1:-1] if is_transparent(c, modules)])
 
 
-def _match_gin(node: fx.Node, conv: GINConv, spaces: list) -> Site | str:
-    if conv.aggr not in ("add", "sum", "mean"):
+def _match_nn_block(node: fx.Node, conv: GINConv | EdgeConv, spaces: list) -> Site | str:
+    """GINConv: the first block of nn, after the aggregation; EdgeConv: the same block per edge."""
+    edge = isinstance(conv, EdgeConv)
+    if not edge and conv.aggr not in ("add", "sum", "mean"):
         return f"GINConv with aggr={conv.aggr!r}: the prediction after aggregation needs a linear aggregation"
-    block = _gin_block(conv)
+    if edge and (conv.flow != "source_to_target" or conv.aggr not in PER_FEATURE):
+        return f"EdgeConv with flow={conv.flow!r}, aggr={conv.aggr!r} (source_to_target, add/mean/max/min work)"
+    block = _nn_block(conv)
     inputs = _call_inputs(node, conv)
     if isinstance(block, str) or isinstance(inputs, str):
         return block if isinstance(block, str) else inputs
     lin, bn, _ = block
     weight = conv.get_submodule(lin).weight
-    n = weight.shape[1]
-    space = _reduction_space(spaces, _join(node.target, lin, "weight"), n)
+    key = _join(node.target, lin, "weight")
+    n = weight.shape[1] // 2 if edge else weight.shape[1]
+    space = _pair_space(spaces, key, n) if edge else _reduction_space(spaces, key, n)
     if isinstance(space, str):
         return space
     if n < 2:
         return "reduction size < 2"
-    rows = _shape(inputs["x"])[0]
-    pattern = "ginconv-linear" + ("-bn" if bn else "") + "-relu"
+    rows = _shape(inputs["edge_index"])[1] if edge else _shape(inputs["x"])[0]
+    pattern = type(conv).__name__.lower() + "-linear" + ("-bn" if bn else "") + "-relu"
     return Site(name=node.target, kind="enp", n=n, pattern=pattern, op="message_passing", node=node.name,
                 space=space.id, macs=rows * weight.numel(), out_shape=(rows, weight.shape[0]),
                 bn=_join(node.target, bn) if bn else None)
+
+
+def _pair_space(spaces: list, key: str, c: int):
+    """EdgeConv: the exchangeable space of x whose channel j is the weight's input columns j and C + j."""
+    found = [s for s in spaces if s.member(key, 1) is not None]
+    if len(found) != 1 or found[0].member(key, 1).positions != [[j, c + j] for j in range(c)]:
+        return "the nn's input columns are not [x_i, x_j - x_i] of one channel space"
+    if not found[0].exchangeable:
+        return f"input features are not exchangeable: {found[0].reason}"
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,10 +440,11 @@ def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneCo
                         f"running statistics: call model.eval() before wrapping with exprune=")
     knobs = dict(eps=bn.eps if bn is not None else None, threshold=config.threshold_of(site.name),
                  alpha=config.alpha_of(site.name))
-    if isinstance(conv, GINConv):  # the ReLU is inside the layer: the chain is the layer call
-        lin, _, tail = _gin_block(conv)
+    if isinstance(conv, (GINConv, EdgeConv)):  # the ReLU is inside the layer: the chain is the layer call
+        lin, _, tail = _nn_block(conv)
         chain = [first]
-        op = GINENPOp(site.name, conv, config.rule, config.k, site.n, tail=tail, **knobs)
+        op_type = EdgeConvENPOp if isinstance(conv, EdgeConv) else GINENPOp
+        op = op_type(site.name, conv, config.rule, config.k, site.n, tail=tail, **knobs)
         attrs = {"weight": _join(site.name, lin, "weight"), "bias": _join(site.name, lin, "bias")}
     else:
         chain, _, _ = _follow(first, modules)

@@ -125,6 +125,7 @@ BASIC_WRAPS = {
     "GraphSAGE": (GraphSAGE, {}, {"convs.1", "convs.2"}, ["lin_l", "lin_r"]),
     "GIN": (GIN, {}, {"convs.1", "convs.2", "convs.3"}, ["nn.lins.0", "nn.lins.1"]),  # first block of each MLP
     "GAT": (GAT, {"heads": 2}, set(), ["lin"]),
+    "EdgeCNN": (EdgeCNN, {}, {"convs.1", "convs.2", "convs.3"}, ["nn.lins.0", "nn.lins.1"]),  # per edge
 }
 
 
@@ -196,8 +197,8 @@ def test_hand_written_gnn_safe_settings_preserve_outputs_and_thresholds_save_mac
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x, edge_index), expected)
     runtime = wrapped.fxprune.exprune
-    assert set(runtime.ops) == {"sage", "gconv", "gin"}
-    assert {r.name for r in wrapped.fxprune.analysis.rejected} >= {"gcn", "edge"}
+    assert set(runtime.ops) == {"sage", "gconv", "gin", "edge"}
+    assert [r.name for r in wrapped.fxprune.analysis.rejected] == ["gcn"]  # its input is the model input
     gated = {t.key for t in wrapped.fxprune.hyperflux.tensors}
     assert {"gcn.lin.weight", "sage.lin_l.weight", "sage.lin_r.weight", "gconv.lin_rel.weight",
             "gconv.lin_root.weight", "gin.nn.0.weight", "gin.nn.2.weight", "edge.nn.0.weight", "head.weight"} == gated

@@ -12,7 +12,7 @@ from fxprune.integrations import pyg  # noqa: E402
 from fxprune.exprune import strip_exprune  # noqa: E402
 from fxprune.integrations.pyg_exprune import MessagePassingENPOp  # noqa: E402
 from permutation import randomize_  # noqa: E402
-from torch_geometric.nn import GCNConv, GINConv, GraphConv, SAGEConv  # noqa: E402
+from torch_geometric.nn import EdgeConv, GCNConv, GINConv, GraphConv, SAGEConv  # noqa: E402
 from torch_geometric.nn.models import GCN, GraphSAGE  # noqa: E402
 from torch_geometric.utils import to_dense_adj  # noqa: E402
 from test_pyg import graph  # noqa: E402
@@ -51,13 +51,20 @@ def dense_aggregate(layer: nn.Module, x: torch.Tensor, edge_index: torch.Tensor)
 def reference(model: Net, x, edge_index, threshold: float | None = None, alpha: float | None = None):
     """EXPRUNE.md semantics for the layer site: (output, predicted, statistic m); predicted elements
     are 0, the others the dense value. GINConv: the site is its nn's Linear -> BN -> ReLU, the rest
-    of nn follows."""
+    of nn follows. EdgeConv: the same per edge on [x_i, x_j - x_i] (channel c: columns c and n + c),
+    then the max over each node's incoming edges."""
     layer = model.layer
     h = model.lift(x).relu()
-    agg = dense_aggregate(layer, h, edge_index)
     bn = model.bn
-    if isinstance(layer, GINConv):
+    if isinstance(layer, EdgeConv):
+        src, dst = edge_index
+        agg, h = h[dst], h[src] - h[dst]  # the two operands of each channel, per edge
+    else:
+        agg = dense_aggregate(layer, h, edge_index)
+    if isinstance(layer, (GINConv, EdgeConv)):
         w, root, b = layer.nn[0].weight, None, layer.nn[0].bias
+        if isinstance(layer, EdgeConv):  # channel c: columns c and n + c
+            w, root = w[:, :agg.shape[1]], w[:, agg.shape[1]:]
         bn = layer.nn[1]
     elif isinstance(layer, GCNConv):
         w, root, b = layer.lin.weight, None, layer.bias
@@ -83,8 +90,11 @@ def reference(model: Net, x, edge_index, threshold: float | None = None, alpha: 
         v = a ** 2 * (q_k / K - (s_k / K) ** 2)
         predicted = m / torch.sqrt(v / K) < torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(alpha))
     out = torch.where(predicted, torch.zeros_like(pre), pre.relu())
-    if isinstance(layer, GINConv):
+    if isinstance(layer, (GINConv, EdgeConv)):
         out = layer.nn[3](out)
+    if isinstance(layer, EdgeConv):  # max over incoming edges; 0 for a node without any
+        index = edge_index[1][:, None].expand_as(out)
+        out = torch.zeros(x.shape[0], out.shape[1]).scatter_reduce(0, index, out, "amax", include_self=False)
     return out, predicted, m
 
 
@@ -121,7 +131,9 @@ def _site_output(wrapped, inputs):
 LAYERS = {"gcn": lambda: GCNConv(40, 24), "sage": lambda: SAGEConv(40, 24),
           "sage-max": lambda: SAGEConv(40, 24, aggr="max"), "graphconv": lambda: GraphConv(40, 24),
           "gin": lambda: GINConv(nn.Sequential(nn.Linear(40, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 24)),
-                                 eps=0.3)}
+                                 eps=0.3),
+          "edgeconv": lambda: EdgeConv(nn.Sequential(nn.Linear(80, 24), nn.BatchNorm1d(24), nn.ReLU(),
+                                                     nn.Linear(24, 24)))}
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -145,7 +157,7 @@ def test_threshold_rule_matches_the_reference(kind, bn):
     torch.testing.assert_close(_site_output(wrapped, inputs), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gcn", "sage", "gin"])
+@pytest.mark.parametrize("kind", ["gcn", "sage", "gin", "edgeconv"])
 def test_ztest_rule_matches_the_reference(kind):
     model, wrapped, inputs = _wrapped(LAYERS[kind](), True, rule="ztest", alpha=0.2)
     expected, predicted, _ = reference(model, *inputs, alpha=0.2)
@@ -199,7 +211,7 @@ def test_safe_settings_preserve_outputs_and_thresholds_save_macs():
     assert 0 < saved[0] <= saved[1] <= saved[2]  # monotonic in T
 
 
-@pytest.mark.parametrize("kind", ["sage", "gin"])
+@pytest.mark.parametrize("kind", ["sage", "gin", "edgeconv"])
 def test_core_strip_and_export_restore_the_dense_layers(kind):
     model, wrapped, inputs = _wrapped(LAYERS[kind](), True, threshold="median")
     exported = fxprune.export(wrapped, inputs)
