@@ -18,8 +18,9 @@ GINConv computes nn((1 + eps) x_i + sum_j x_j): its site is the first block of i
 (Linear -> [BatchNorm] -> ReLU, in an ``nn.Sequential`` or a PyG ``MLP``), predicted after the
 aggregation like the layers above; the rest of ``nn`` then runs as usual (:class:`GINENPOp`).
 EdgeConv computes max_j nn([x_i, x_j - x_i]): the same block is predicted per edge, channel c of x
-being the pair of terms (x_ic, x_jc - x_ic) (:class:`EdgeConvENPOp`). GATConv has no site: its
-attention logits read the whole projection W x, so no part of it can be skipped.
+being the pair of terms (x_ic, x_jc - x_ic) (:class:`EdgeConvENPOp`). GATConv has no site yet: its
+attention weights are computed from the projection W x of all channels, so predicting after the
+aggregation would need a reformulated layer (logits from (W_h^T a_h) . x, then W after aggregating).
 
 ``fxprune.integrations.pyg`` registers :func:`find_sites` with the analysis and :func:`inject_site`
 for sites with ``op == "message_passing"`` with the ExPrune pass, so
