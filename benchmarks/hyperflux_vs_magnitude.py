@@ -217,8 +217,8 @@ def report(cfg: dict, split, test, dense_acc: float, rows: list[dict], times: di
         f"batches ({spe} steps per epoch, batch {BATCH}, SGD lr {LR} cosine, momentum 0.9, wd 5e-4).",
         "",
         "- Hyperflux: `HyperfluxConfig(target, "
-        + ", ".join(f"{k}={v}" for k, v in hyperflux_settings(cfg, split).items()) + ")`, other fields at their defaults "
-        "(lookahead controller, exact final density); settings " + TUNING + ".",
+        + ", ".join(f"{k}={v}" for k, v in hyperflux_settings(cfg, split).items())
+        + ")`, other fields at their defaults (lookahead controller, exact final density); settings " + TUNING + ".",
         *(["- Hyperflux, paper controller: the same with `" + ", ".join(f"{k}={v}" for k, v in PAPER_CONTROLLER.items())
             + "` (the authors' controller alone: no lookahead, no density correction)."] if cfg["ablation"] else []),
         "- magnitude: gradual global magnitude pruning (cubic schedule over the pruning epochs), then fine-tuning "

@@ -53,15 +53,16 @@ class HyperfluxConfig:
         exact_target: put the density on the target when the pressure is released (end of the
             pruning phase; regrowth then fine-tunes from there), at every scheduler interval of
             regrowth (what the flux reopens replaces the weakest open gates: a swap, so the final
-            step changes little) and when the gates freeze: reopen the closed gates with the highest scores, or close the open ones with the
-            lowest, the fewest needed (``HyperfluxRuntime.correct_density``); moved scores land
-            ``gate_lr * scheduler_interval`` past 0, so batch noise does not flip them back. At the
-            release Adam's first moment of the scores is also zeroed: it holds the pressure just
-            removed and would keep closing gates for ~10 steps. Not in the paper, whose controller
-            only steers gamma: a score reacts to the pressure only after ~gate_init / gate_lr steps
-            and the momentum keeps closing gates after gamma falls, so on short schedules the
-            density ends a few points off the target (usually too sparse). The gates' own ranking
-            chooses which weights move: the move the gates would make next. False: the paper.
+            step changes little) and when the gates freeze: reopen the closed gates with the
+            highest scores, or close the open ones with the lowest, the fewest needed
+            (``HyperfluxRuntime.correct_density``); moved scores land ``gate_lr *
+            scheduler_interval`` past 0, so batch noise does not flip them back. At the release
+            Adam's first moment of the scores is also zeroed: it holds the pressure just removed
+            and would keep closing gates for ~10 steps. Not in the paper, whose controller only
+            steers gamma: a score reacts to the pressure only after ~gate_init / gate_lr steps and
+            the momentum keeps closing gates after gamma falls, so on short schedules the density
+            ends a few points off the target (usually too sparse). The gates' own ranking chooses
+            which weights move: the move the gates would make next. False: the paper.
         lookahead: the controller compares the density expected one interval ahead (every score
             extrapolated at its current Adam step: the closures already in flight) with the next
             target of the trajectory. The paper compares the current density with the current

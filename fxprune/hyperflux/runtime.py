@@ -1,8 +1,9 @@
 """HyperfluxRuntime: gate updates (Adam + global pressure), pressure scheduler, density bookkeeping.
 
 The user calls ``step()`` once after each optimiser step. State lives in ``state_dict()``: the
-scores and their Adam state are buffers of ``gates``; the scheduler state and the history travel
-as extra state, so resuming from a saved state continues the exact trajectory.
+scores and their Adam state are buffers of ``gates``; the scheduler state, the density corrections
+and the history travel as extra state (one float64 tensor, so torch.jit tracing works), so resuming
+from a saved state continues the exact trajectory.
 
 Weight decay note: the user's optimiser also decays the weights of closed gates, and with them
 their flux (dL/dt = ste_scale * w * g), so weights that stay pruned long regrow less and less (the
@@ -136,10 +137,15 @@ class HyperfluxRuntime(nn.Module):
         ``margin``); above it, the open gates with the lowest scores close (score set to
         ``-margin``). ``margin = gate_lr * scheduler_interval``: a moved gate flips back only after
         a whole interval of steady flux against it, not on the noise of one batch. A score
-        integrates the gate's flux minus the pressure it felt, so the highest closed scores are the gates whose flux argued longest for their weights, i.e. those the
-        gates themselves would reopen first; the lowest open ones, those they would close next.
-        How many: a bisection over that order on the real density (monotone in the number of
-        gates moved), so channel gates and MAC weighting are handled exactly.
+        integrates the gate's flux minus the pressure it felt, so the highest closed scores are
+        the gates whose flux argued longest for their weights, i.e. those the gates themselves
+        would reopen first; the lowest open ones, those they would close next. How many: a
+        bisection over that order on the real density (monotone in the number of gates moved),
+        so channel gates and MAC weighting are handled exactly.
+
+        A large move costs accuracy (most of all closing many open gates at once, with no
+        training left to adapt): it means the controller ended far from the target, e.g. with a
+        scheduler interval much longer than the gates' reaction time; ``corrections`` shows it.
 
         Returns (and appends to ``self.corrections``): step, density_before, density_after,
         reopened, closed (gate counts).

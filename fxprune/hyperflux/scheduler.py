@@ -9,7 +9,9 @@ the controller updates every ``scheduler_interval`` steps (the paper's epoch), E
   fastest at the start and settles at the end.
 - Controller: while the density is above the trajectory, gamma rises by ``gamma_step`` plus an
   inertia that grows by ``gamma_inertia_step`` per consecutive rise; while below, it falls the same
-  way, never below 0. The gates feel ``gamma_eff = gamma ** pressure_exponent``.
+  way, never below 0. The gates feel ``gamma_eff = gamma ** pressure_exponent``. With
+  ``lookahead`` (fxprune's default) "the density" is the one predicted one interval ahead from the
+  gates' current motion, compared with the trajectory's next target (see HyperfluxConfig).
 - Phases: "pruning" for ``pruning_steps``, then "regrowth" (gamma = 0, gate learning rate times
   ``regrowth_lr_decay`` per interval) for ``regrowth_steps``, then "frozen" (gates stop training).
 """
