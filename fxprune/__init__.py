@@ -7,7 +7,7 @@ from importlib import import_module as _import_module
 
 from .analysis import Analysis, analyze, register_rule
 from .capture import register_leaf_module
-from .errors import ConfigError, FxpruneError, ShapeError, TraceError, WrapError
+from .errors import ConfigError, FxpruneError, NameClashError, ShapeError, TraceError, WrapError
 from .flops import FlopReport, flops  # eager: the function must shadow the submodule of the same name
 from .wrap import wrap
 
@@ -33,4 +33,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["wrap", "analyze", "Analysis", "register_rule", "register_leaf_module", "FxpruneError", "TraceError",
-           "ShapeError", "ConfigError", "WrapError", "flops", "FlopReport", *_LAZY]
+           "NameClashError", "ShapeError", "ConfigError", "WrapError", "flops", "FlopReport", *_LAZY]

@@ -22,7 +22,7 @@ from torch.fx._symbolic_trace import _assert_is_none
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import FxpruneError, ShapeError, TraceError
+from .errors import NameClashError, ShapeError, TraceError
 
 
 @dataclass
@@ -107,22 +107,6 @@ def normalize_inputs(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
     return (example_inputs,)
-
-
-class NameClashError(TraceError):
-    """A top-level attribute of the model has a name that the captured module uses itself
-    (``torch.fx.GraphModule``'s ``graph``, ``code``, ``meta``..., or fxprune's ``fxprune``)."""
-
-    def __init__(self, name: str, value: Any, owner: str = "torch.fx.GraphModule"):
-        self.module_path, self.module_type = name, type(value).__name__
-        self.reason = f"'{name}' is an attribute of {owner}"
-        FxpruneError.__init__(
-            self,
-            f"fxprune cannot capture the model's {type(value).__name__} '{name}': the captured model is a "
-            f"{owner}, which has an attribute '{name}' of its own, so the model's '{name}' cannot be stored "
-            f"under that name.\n  Fix: rename it in the model (e.g. self.{name}_ = ...); old checkpoints "
-            f"load after renaming their keys '{name}.*' accordingly."
-        )
 
 
 def _graph_module_attributes() -> frozenset[str]:

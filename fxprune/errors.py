@@ -29,6 +29,22 @@ class TraceError(FxpruneError):
         )
 
 
+class NameClashError(TraceError):
+    """A top-level attribute of the model has a name that the captured module uses itself
+    (``torch.fx.GraphModule``'s ``graph``, ``code``, ``meta``..., or fxprune's ``fxprune``)."""
+
+    def __init__(self, name: str, value: object, owner: str = "torch.fx.GraphModule"):
+        self.module_path, self.module_type = name, type(value).__name__
+        self.reason = f"'{name}' is an attribute of {owner}"
+        FxpruneError.__init__(
+            self,
+            f"fxprune cannot capture the model's {type(value).__name__} '{name}': the captured model is a "
+            f"{owner}, which has an attribute '{name}' of its own, so the model's '{name}' cannot be stored "
+            f"under that name.\n  Fix: rename it in the model (e.g. self.{name}_ = ...); old checkpoints "
+            f"load after renaming their keys '{name}.*' accordingly."
+        )
+
+
 class ShapeError(FxpruneError):
     """The example inputs do not fit the model (shape propagation failed at a node)."""
 
