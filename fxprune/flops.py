@@ -261,7 +261,7 @@ def _counting_state(root: nn.Module) -> Iterator[None]:
 @contextmanager
 def _tensor_state_only() -> Iterator[None]:
     """torch.jit's tracer feeds every state_dict value to the graph as an input and fails on
-    non-tensor extra state (``get_extra_state``, e.g. Hyperflux's scheduler state): hide it."""
+    non-tensor extra state (a ``get_extra_state`` that returns a dict, as some user modules do): hide it."""
     from torch.jit import _trace
 
     original = _trace._unique_state_dict

@@ -280,3 +280,25 @@ def test_hyperflux_trains_a_gcn_to_the_target_sparsity(one_thread, target):
     assert "fxprune" not in exported.code  # the guards on the traced defaults (edge_weight=None...) are gone
     with pytest.raises(ValueError, match="'edge_weight' = None"):
         model(x, edge_index, torch.rand(edge_index.shape[1]))  # the wrapped model would ignore it otherwise
+
+
+@pytest.mark.parametrize("cls", [GCN, GraphSAGE, GIN, EdgeCNN], ids=lambda c: c.__name__)
+def test_channel_gates_inside_layers_export_a_smaller_equal_model(cls):
+    """Channel Hyperflux gates the hidden spaces read by message passing layers (through their
+    linears); closing channels and exporting removes them from every member and keeps the outputs."""
+    x, edge_index = graph()
+    config = fxprune.HyperfluxConfig(0.5, granularity="channel", pruning_steps=10)
+    model = fxprune.wrap(cls(8, 16, 3, out_channels=4).eval(), (x, edge_index), hyperflux=config)
+    rt = model.fxprune.hyperflux
+    hidden = [p for p in rt.channel_plans if p.size == 16]
+    assert len(hidden) >= 2  # the hidden spaces between the three layers (and inside GIN's MLPs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for plan in hidden:
+            rt.gates[plan.gate_index].score[torch.randperm(16, generator=g)[:6]] = -0.1  # close 6 of 16
+        gated = model(x, edge_index)
+        exported = fxprune.export(model).eval()
+        torch.testing.assert_close(exported(x, edge_index), gated, rtol=1e-4, atol=1e-5)
+    dense_params = sum(p.numel() for p in cls(8, 16, 3, out_channels=4).parameters())
+    assert sum(p.numel() for p in exported.parameters()) < dense_params
+    assert "fxprune" not in exported.code

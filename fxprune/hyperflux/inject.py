@@ -188,7 +188,7 @@ class _Injector:
         reasons = [f"{m.key} {r}" for m in space.members if m.key in self.params and (r := self.ungateable(m.key))]
         if reasons:
             return "; ".join(reasons)
-        return outside_use(self.gm, space.id, {m.key for m in consumers}, self.spaces_of_node)
+        return outside_use(self.gm, space, {m.key for m in consumers}, self.spaces_of_node)
 
     def channel_costs(self, space: Space, members) -> torch.Tensor:
         """Cost each channel of ``space`` controls, summed over its gated members."""
@@ -213,18 +213,33 @@ class _Injector:
             g.pressure_share = (share / total).float().to(g.score.device)
 
 
-def outside_use(gm: fx.GraphModule, space_id: int, consumer_keys: set[str], spaces_of_node: dict) -> str:
+def outside_use(gm: fx.GraphModule, space: Space, consumer_keys: set[str], spaces_of_node: dict) -> str:
     """"" when every value carrying the space reaches the rest of the graph only through the input
     channels of a consumer weight; else the first node that uses it otherwise (a parameter-free
-    contraction such as a matmul), so that masking the consumers would not remove the channels."""
+    contraction such as a matmul), so that masking the consumers would not remove the channels.
+
+    A leaf module (e.g. a PyG message passing layer, analysed by its rule) reads the channels
+    through gated weights when the space has members among its parameters and every one of them
+    is a consumer: its rule linked the channels to those weights and to nothing else.
+    """
+    members_by_module: dict[str, set[str]] = {}
+    for m in space.members:
+        members_by_module.setdefault(m.key.rpartition(".")[0], set()).add(m.key)
+
+    def leaf_reads_through_consumers(user: fx.Node) -> bool:
+        inside = {key for prefix, keys in members_by_module.items()
+                  if prefix == user.target or prefix.startswith(f"{user.target}.") for key in keys}
+        return bool(inside) and inside <= consumer_keys
+
     for node in gm.graph.nodes:
-        if space_id not in spaces_of_node[node]:
+        if space.id not in spaces_of_node[node]:
             continue
         for user in node.users:
             if user.op == "output":
                 return f"'{node.name}' is a model output"
-            passes_on = space_id in spaces_of_node[user]
-            reads = (user.op == "call_module" and f"{user.target}.weight" in consumer_keys) or any(
+            passes_on = space.id in spaces_of_node[user]
+            reads = (user.op == "call_module" and (f"{user.target}.weight" in consumer_keys
+                                                   or leaf_reads_through_consumers(user))) or any(
                 a.op == "get_attr" and a.target in consumer_keys for a in user.all_input_nodes)
             if not (passes_on or reads or user.meta.get("tensor_meta") is None):
                 module = gm.get_submodule(user.target) if user.op == "call_module" else None
