@@ -150,7 +150,10 @@ def write(rows: list[dict], path: Path, command: str) -> None:
              f"{r0['test_n']:,} from 447 other images. Saved = effective MACs saved over the WHOLE model (stem and "
              f"head included, test overhead deducted), on the test split; drop = dense - pruned accuracy in points "
              f"(negative: better than dense). Masked dense execution is not faster; time not measured. Paper "
-             f"(v2, CIFAR-10 ResNet-18 / VGG-11): up to 17.33 % saved at <= 0.1 pt drop, 27.16 % at <= 1 pt.",
+             f"(v2, CIFAR-10 ResNet-18 / VGG-11): up to 17.33 % saved at <= 0.1 pt drop, 27.16 % at <= 1 pt. "
+             f"max_drop {min(r['max_drop'] for r in rows)} on {r0['calib_n']:,} calibration samples allows "
+             f"{min(r['max_drop'] for r in rows) * r0['calib_n']:g} net samples to change: at that budget the "
+             f"furthest feasible allocation is set by a few samples near the decision boundary.",
              "",
              "| rule | max_drop | MACs saved (whole model) | calib drop (pt) | test drop (pt) | calibration wall s (CPU s) |",
              "|:--|--:|--:|--:|--:|--:|"]
