@@ -80,7 +80,8 @@ class SiteTable:
 
 
 def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Module], float],
-              max_drop: float = 0.001, *, batch_inputs: Callable[[Any], Any] | None = None, progress: bool = True, objective: str = "auto", bins: int = 64,
+              max_drop: float = 0.001, *, batch_inputs: Callable[[Any], Any] | None = None, progress: bool = True,
+              objective: str = "auto", bins: int = 64,
               smoothing: float = 0.05, max_evals: int = 8, tolerance: float = 0.01, seed: int = 0,
               sample_limit: int = 200_000) -> dict[str, float]:
     """Choose per-site cutoffs that save the most effective MACs with metric >= dense - max_drop.
