@@ -1,7 +1,7 @@
 """Channel-granularity Hyperflux: the exported (physically smaller) model's CPU latency vs dense.
 
-From the dense checkpoint shared with ``hyperflux_vs_magnitude.py`` (timm resnet18 at reduced width
-on scikit-learn digits, 3x32x32), wrap with ``HyperfluxConfig(target, granularity="channel",
+From a dense checkpoint (timm resnet18 at reduced width trained on scikit-learn digits, 3x32x32,
+with the benchmarks' shared ``_common.dense_model``), wrap with ``HyperfluxConfig(target, granularity="channel",
 weight_by="macs")``: one gate per channel of each prunable channel space, pressure weighted by the
 MACs each channel controls, so the target is a fraction of the gated MACs. Fine-tune, then
 ``fxprune.export(model)`` removes the closed channels from every member of their space. Latency =
@@ -31,10 +31,16 @@ SCHEDULER_INTERVAL = 6  # steps between pressure updates (a third of an epoch)
 
 
 def prune_channels(dense, data, split, target: float, epochs: int, progress: bool):
-    """Wrap with channel gates, fine-tune ``epochs`` epochs, export; (exported model, MACs fraction pruned)."""
-    steps = epochs * math.ceil(len(split) / BATCH)
+    """Wrap with channel gates, fine-tune ``epochs`` epochs, export; (exported model, MACs fraction pruned).
+
+    The last epoch (when there are two or more) is the regrowth phase: no pressure, and the
+    channels that the exact-target correction reopens or closes at the end of pruning are trained
+    before export (exporting right after a correction costs accuracy)."""
+    steps_per_epoch = math.ceil(len(split) / BATCH)
+    regrowth = steps_per_epoch if epochs > 1 else 0
+    steps = epochs * steps_per_epoch - regrowth
     config = fxprune.HyperfluxConfig(target, granularity="channel", weight_by="macs", pruning_steps=steps,
-                                     gate_lr=GATE_LR, gate_init=GATE_INIT,
+                                     regrowth_steps=regrowth, gate_lr=GATE_LR, gate_init=GATE_INIT,
                                      scheduler_interval=min(SCHEDULER_INTERVAL, steps))
     model = fxprune.wrap(copy.deepcopy(dense).train(), data.test.x[:8], hyperflux=config)
     train(model, split, epochs, lr=LR, batch=BATCH, schedule="cosine", seed=1,
@@ -64,9 +70,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['model']:<40} acc {100 * r['accuracy']:.2f} %  params {r['params']}  MACs {r['macs'] / 1e6:.2f} M  "
               f"b1 {1e3 * r['b1']:.2f} ms  b64 {1e3 * r['b64']:.1f} ms", flush=True)
-    body = [f"timm resnet18 (stage widths x{cfg['width']}) on scikit-learn digits 3x32x32; dense checkpoint as in "
-            f"'Hyperflux vs magnitude pruning'; {cfg['epochs']} epochs of fine-tuning with channel gates (gate lr "
-            f"{GATE_LR}, scores initialised in {list(GATE_INIT)}, pressure update every {SCHEDULER_INTERVAL} steps, "
+    body = [f"timm resnet18 (stage widths x{cfg['width']}) on scikit-learn digits 3x32x32; dense checkpoint: "
+            f"{cfg['dense_epochs']} epochs (SGD lr 0.1 one-cycle); {cfg['epochs']} epochs of fine-tuning with channel gates (the last one the "
+            f"regrowth phase; gate lr {GATE_LR}, scores initialised in {list(GATE_INIT)}, pressure update every {SCHEDULER_INTERVAL} steps, "
             f"SGD lr {LR} cosine), then "
             f"`fxprune.export` (closed channels removed). MACs per image; "
             f"latency = median eager CPU forward (batch 1: {cfg['repeats']} calls, batch {BATCH}: "
