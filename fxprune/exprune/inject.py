@@ -26,10 +26,9 @@ from .runtime import ExPruneRuntime
 
 OP_ATTR = "exprune"  # the op's name under its conv/linear module
 
-# site.op -> injector(gm, site, modules, config) -> op; the core's own kinds are not in here
-SiteInjector = Callable[[fx.GraphModule, Any, dict, ExPruneConfig], ExPruneOp]
+# site.op -> injector(gm, site, modules, config) -> op, or the reason the site is skipped
+SiteInjector = Callable[[fx.GraphModule, Any, dict, ExPruneConfig], "ExPruneOp | str"]
 SITE_INJECTORS: dict[str, SiteInjector] = {}
-_CORE_OPS = ("conv1d", "conv2d", "linear")
 
 
 def register_site_injector(op: str, injector: SiteInjector) -> SiteInjector:
@@ -37,8 +36,9 @@ def register_site_injector(op: str, injector: SiteInjector) -> SiteInjector:
 
     The injector replaces the site's chain in ``gm.graph`` by one call of an :class:`ExPruneOp`
     (registered as a submodule, with ``op.chain`` recorded for :func:`strip_exprune`) and returns
-    the op; ``apply_exprune`` has already checked the config names, ``sites=``, ``k`` and shared
-    modules, and recompiles afterwards.
+    the op, or returns a string: the reason the site is left as it is. ``apply_exprune`` has
+    already checked the config names, ``sites=``, ``k`` and shared modules, and recompiles
+    afterwards. The core's conv1d / conv2d / linear sites go through the same registry.
     """
     SITE_INJECTORS[op] = injector
     return injector
@@ -83,7 +83,6 @@ def apply_exprune(gm: fx.GraphModule, analysis, config: ExPruneConfig) -> ExPrun
         raise WrapError("apply_exprune: analysis.graph_module is not the GraphModule passed in; analyze gm itself")
     _check_names(config, analysis)
     modules = dict(gm.named_modules())
-    nodes = {node.name: node for node in gm.graph.nodes}
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -91,20 +90,14 @@ def apply_exprune(gm: fx.GraphModule, analysis, config: ExPruneConfig) -> ExPrun
     ops: dict[str, ExPruneOp] = {}
     skipped: dict[str, str] = {}
     for site in analysis.sites:
-        reason = _skip_reason(site, config, calls)
         injector = SITE_INJECTORS.get(site.op)
-        if injector is None and site.op not in _CORE_OPS and not reason:
-            reason = f"no ExPrune injector is registered for op kind '{site.op}' (register_site_injector)"
-        if injector is not None and not reason:
-            ops[site.name] = injector(gm, site, modules, config)
-            continue
-        chain = None if reason else _chain(site, nodes)
-        if isinstance(chain, str):
-            reason = chain
-        if reason:
-            skipped[site.name] = reason
-            continue
-        ops[site.name] = _inject(gm, site, chain, modules, config)
+        result = _skip_reason(site, config, calls) or (
+            injector(gm, site, modules, config) if injector is not None
+            else f"no ExPrune injector is registered for op kind '{site.op}' (register_site_injector)")
+        if isinstance(result, str):
+            skipped[site.name] = result
+        else:
+            ops[site.name] = result
     gm.recompile()
     return ExPruneRuntime(ops, skipped, config.rule, config.k)
 
@@ -136,9 +129,9 @@ def _skip_reason(site, config: ExPruneConfig, calls: dict[str, int]) -> str:
     return ""
 
 
-def _chain(site, nodes: dict) -> list[fx.Node] | str:
-    """The chain's nodes in order (conv/linear first), or the reason it cannot be replaced."""
-    first = nodes[site.node]
+def _chain(site, first: fx.Node) -> list[fx.Node] | str:
+    """The chain's nodes in order (``first``: the site's conv/linear node), or the reason it cannot
+    be replaced."""
     members = {site.node, site.act, site.add, *site.skipped} - {None}
     chain = [first]
     while True:
@@ -196,6 +189,16 @@ def _residual(site, chain: list[fx.Node]) -> fx.Node | None:
     """The add's operand from outside the chain (an earlier site's op node replaced the analysed node)."""
     add = next((n for n in chain if n.name == site.add), None) if site.add else None
     return next((a for a in add.all_input_nodes if a not in chain), None) if add is not None else None
+
+
+def inject_core_site(gm: fx.GraphModule, site, modules: dict, config: ExPruneConfig) -> ExPruneOp | str:
+    """The injector of the core's conv/linear sites (ENP and head)."""
+    chain = _chain(site, next(node for node in gm.graph.nodes if node.name == site.node))
+    return chain if isinstance(chain, str) else _inject(gm, site, chain, modules, config)
+
+
+for _op in ("conv1d", "conv2d", "linear"):
+    register_site_injector(_op, inject_core_site)
 
 
 def _inject(gm: fx.GraphModule, site, chain: list[fx.Node], modules: dict, config: ExPruneConfig) -> ExPruneOp:
