@@ -22,6 +22,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class WeightMask(nn.Module):
+    """A Hyperflux-style weight parametrization, ``w * mask`` (register it with torch's parametrize)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
 class TinyCNN(nn.Module):
     """conv-bn-relu, a residual conv block, pooling, flatten of (C, 4, 4) into a linear head."""
 

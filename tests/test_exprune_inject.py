@@ -10,6 +10,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError, WrapError
 from fxprune.exprune import ExPruneConfig, apply_exprune, strip_exprune
+from hyperflux_models import WeightMask
 
 
 class Block(nn.Module):
@@ -131,20 +132,11 @@ def test_strip_restores_the_dense_chain():
 
 def test_weight_parametrization_still_applies():
     """A Hyperflux-style parametrization that zeroes weights is read at run time and counted."""
-
-    class Mask(nn.Module):
-        def __init__(self, mask):
-            super().__init__()
-            self.register_buffer("mask", mask)
-
-        def forward(self, w):
-            return w * self.mask
-
     model = bn_stats(ToyResNet())
     x = torch.randn(2, 3, 5, 5)
     gm, rt = inject(model, x, k=4)
     mask = (torch.rand_like(model.layer[0].conv2.weight) > 0.5).float()
-    parametrize.register_parametrization(gm.get_submodule("layer.0.conv2"), "weight", Mask(mask))
+    parametrize.register_parametrization(gm.get_submodule("layer.0.conv2"), "weight", WeightMask(mask))
     with torch.no_grad():
         model.layer[0].conv2.weight.mul_(mask)
     rt.reset_stats()

@@ -12,6 +12,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.flops import FlopCountError, FlopReport, flop_handles, flops
+from hyperflux_models import WeightMask
 
 
 def fvcore_total(model, inputs, extra=True):
@@ -102,20 +103,11 @@ def test_statically_sparse_conv_and_linear():
     assert r.saved == pytest.approx(1 - (CONV / 2 + FC * 3 / 4) / (CONV + FC))
 
 
-class Mask(nn.Module):
-    def __init__(self, mask):
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w):
-        return w * self.mask
-
-
 def test_parametrized_gate_counts_effective_weight():
     model = _toy().train()
     mask = torch.ones_like(model.conv.weight)
     mask.view(-1)[::3] = 0  # 72 of 216 weights closed
-    parametrize.register_parametrization(model.conv, "weight", Mask(mask))
+    parametrize.register_parametrization(model.conv, "weight", WeightMask(mask))
     r = flops(model, torch.randn(2, 3, 8, 8), unit="flop")
     assert r.dense == 2 * (CONV + FC)
     assert r.effective == pytest.approx(2 * (CONV * 144 / 216 + FC))

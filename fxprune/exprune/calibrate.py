@@ -426,8 +426,9 @@ def _search(drop_at: Callable[[int], float], penalty: Sequence[float], saved: Se
     drop = beta * F(p) predicts the boundary, F = running maximum of the penalty clipped at 0 and
     beta = (sum of measured drops) / (sum of their F) (``prior`` until a drop is measured; no prior,
     or F constant inside the bracket: bisection). When a step did not halve the bracket, the next
-    one bisects it, so at worst it takes about twice bisection's calls. Stops after ``max_evals`` measurements, when hi = lo + 1, or when the savings
-    still to gain, saved[hi - 1] - saved[lo], are below ``tolerance`` times saved[hi - 1].
+    one bisects it, so at worst it takes about twice bisection's calls. Stops after ``max_evals``
+    measurements, when hi = lo + 1, or when the savings still to gain, saved[hi - 1] - saved[lo],
+    are below ``tolerance`` times saved[hi - 1].
     """
     last = len(penalty) - 1
     bound = torch.tensor(penalty, dtype=torch.float64).clamp_min(0).cummax(0).values
