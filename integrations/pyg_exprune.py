@@ -136,6 +136,7 @@ class MessagePassingENPOp(ENPOp):
         full = torch.relu(pre)
 
         stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, None)
+        self._check_channels(pre.shape[-1])
         predicted = stat < self.cutoff()
         out = full.masked_fill(predicted, 0.0)
 
@@ -146,8 +147,8 @@ class MessagePassingENPOp(ENPOp):
             if not out.requires_grad:  # calibrate() differentiates the loss w.r.t. this output
                 out.requires_grad_()
             nnz_r = (terms[:, k:] != 0).flatten(1).sum(1)
-            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), save=nnz_r.expand_as(out),
-                              overhead=overhead)
+            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
+                              save=nnz_r.expand_as(out), overhead=overhead)
         return self._finish(out, edge_index, nodes)
 
     def _operands(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, weight: Tensor,

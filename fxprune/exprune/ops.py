@@ -5,7 +5,8 @@ input channel c), S_k = xi_1 + ... + xi_k over the first k channels in index ord
 a = gamma / sqrt(running_var + eps) (1 without BN) and
 e = (a * (bias - running_mean) + beta + residual) / n (absent terms dropped):
 
-- rule "threshold": m = a * S_k / k + e; predicted negative <=> m < T.
+- rule "threshold": m = a * S_k / k + e; predicted negative <=> m < T. T is one float per site,
+  or one per output channel (``set_threshold`` with a vector; ``calibrate`` sets them so).
 - rule "ztest": v = a^2 * (Q_k / k - (S_k / k)^2), the plain sample variance of the k terms
   (Q_k = sum of squared terms; v is not derived from m after folding, unlike the authors' code),
   z = m / sqrt(v / k); predicted negative <=> z < Phi^-1(alpha).
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import WrapError
+from ..errors import ConfigError, WrapError
 
 STAT_BUFFERS = ("calls", "elements", "predicted", "dense_macs", "static_macs", "effective_macs")
 _ZTEST_CHUNK = 8  # input channels per grouped conv when the z-test needs the per-channel terms
@@ -53,33 +54,65 @@ class ExPruneOp(nn.Module):
     """Base class: the prediction knobs and the per-call statistics, all in buffers.
 
     ``threshold`` (T), ``alpha`` and ``z_crit`` = Phi^-1(alpha) are 0-dim float buffers: changing
-    them does not recompile a compiled model. The statistics are int64 buffers.
+    them does not recompile a compiled model. ``channel_threshold`` holds per-output-channel T
+    (shape (C,)) when set, else it is empty and ``threshold`` applies to every channel; switching
+    between the two forms changes a shape, so a compiled model recompiles once. The statistics are
+    int64 buffers.
     """
 
     kind = "enp"
 
-    def __init__(self, site: str, rule: str, k: int, n: int, threshold: float = -math.inf, alpha: float = 0.0):
+    def __init__(self, site: str, rule: str, k: int, n: int, threshold: float | list[float] = -math.inf,
+                 alpha: float = 0.0):
         super().__init__()
         self.site, self.rule, self.k, self.n = site, rule, k, n
-        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("threshold", torch.tensor(-math.inf))
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.register_buffer("z_crit", torch.tensor(normal_ppf(alpha)))
+        self.register_buffer("channel_threshold", torch.empty(0))
+        self.set_threshold(threshold)
         for name in STAT_BUFFERS:
             self.register_buffer(name, torch.zeros((), dtype=torch.int64))
         self.probe: dict | None = None  # set by calibrate(): forward stores its statistics here (eager only)
         self.chain: list = []  # the replaced fx nodes, for strip_exprune (set by apply_exprune)
 
     # -- knobs -----------------------------------------------------------------------------
-    def set_threshold(self, value: float) -> None:
-        self.threshold.fill_(float(value))
+    def set_threshold(self, value) -> None:
+        """T for every output channel (a float), or one T per output channel (a 1-D sequence/tensor)."""
+        if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
+            self.threshold.fill_(float(value))
+            self._buffers["channel_threshold"] = self.channel_threshold.new_empty(0)
+            return
+        if not self.per_channel:
+            raise ConfigError(f"ExPrune site '{self.site}': a {self.kind} site takes one threshold, not one per channel")
+        vector = torch.as_tensor(value, dtype=torch.float32).detach().to(self.threshold.device)
+        if vector.dim() != 1 or vector.numel() == 0 or bool(torch.isnan(vector).any()):
+            raise ConfigError(f"ExPrune site '{self.site}': per-channel thresholds must be a non-empty 1-D sequence "
+                              f"of floats without NaN, got shape {tuple(vector.shape)}")
+        self.threshold.fill_(math.inf)
+        self._buffers["channel_threshold"] = vector.clone()
+
+    def threshold_value(self) -> float | list[float]:
+        """T as set: a float, or the list of per-channel T."""
+        return self.channel_threshold.tolist() if self.channel_threshold.numel() else float(self.threshold)
 
     def set_alpha(self, value: float) -> None:
         self.alpha.fill_(float(value))
         self.z_crit.fill_(normal_ppf(float(value)))
 
+    per_channel = False  # whether decisions are per output channel (so T may be too)
+
     def cutoff(self) -> Tensor:
         """The bound the statistic is compared with: T (threshold rule) or Phi^-1(alpha) (z-test)."""
         return self.threshold if self.rule == "threshold" else self.z_crit
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "channel_threshold"
+        if key not in state_dict:  # a checkpoint from before per-channel thresholds: one T per site
+            state_dict[key] = self.channel_threshold.new_empty(0)
+        # per-channel T takes the saved model's shape (empty when not set)
+        self._buffers["channel_threshold"] = torch.empty_like(state_dict[key], device=self.threshold.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_eval(self) -> None:
         if self.training:
@@ -122,13 +155,17 @@ class ExPruneOp(nn.Module):
         """
         nnz_k = (weight[:, : self.k] != 0).flatten(1).sum(1)
         nnz_r = (weight[:, self.k:] != 0).flatten(1).sum(1)
-        enabled = (self.cutoff() > -math.inf).long()
+        cutoff = self.cutoff()
+        if cutoff.dim():  # per-channel T: only the channels with T > -inf run the test
+            tests = rows * (cutoff > -math.inf).sum()
+        else:
+            tests = decisions * (cutoff > -math.inf).long()
         self.calls += 1
         self.elements += decisions
         self.predicted += predicted
         self.dense_macs += rows * weight.numel()
         self.static_macs += rows * (nnz_k.sum() + nnz_r.sum())
-        self.effective_macs += rows * nnz_k.sum() + (kept * nnz_r).sum() + enabled * (overhead * decisions)
+        self.effective_macs += rows * nnz_k.sum() + (kept * nnz_r).sum() + overhead * tests
 
 
 class ENPOp(ExPruneOp):
@@ -147,8 +184,22 @@ class ENPOp(ExPruneOp):
         self.eps = eps  # BatchNorm eps (None: no BN)
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
+    per_channel = True
+
     def extra_repr(self) -> str:
         return f"site={self.site!r}, op={self.op}, rule={self.rule}, k={self.k}, n={self.n}"
+
+    def cutoff(self) -> Tensor:
+        """T (0-dim, or per output channel shaped to broadcast against the output) or Phi^-1(alpha)."""
+        if self.rule == "threshold" and self.channel_threshold.numel():
+            return self._chan(self.channel_threshold)
+        return super().cutoff()
+
+    def _check_channels(self, channels: int) -> None:
+        given = self.channel_threshold.numel()
+        if given and given != channels:
+            raise ConfigError(f"ExPrune site '{self.site}' has {channels} output channels but {given} "
+                              f"per-channel thresholds")
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
                 running_mean: Tensor | None = None, running_var: Tensor | None = None,
@@ -166,18 +217,19 @@ class ENPOp(ExPruneOp):
         full = torch.relu(pre)
 
         stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, residual)
+        channels = full.shape[self.channel_dim(full)]
+        self._check_channels(channels)
         predicted = stat < self.cutoff()
         out = full.masked_fill(predicted, 0.0)
 
         overhead = (1 if self.rule == "threshold" else self.k + 3) + (residual is not None)
-        channels = out.shape[self._cdim(out)]
-        kept = (~predicted).movedim(self._cdim(out), -1).reshape(-1, channels).sum(0)
+        kept = (~predicted).movedim(self.channel_dim(out), -1).reshape(-1, channels).sum(0)
         self._count(weight, out.numel() // channels, kept, out.numel(), predicted.sum(), overhead)
         if self.probe is not None:
             if not out.requires_grad:  # calibrate() differentiates the loss w.r.t. this output
                 out.requires_grad_()
             nnz_r = (weight[:, self.k:] != 0).flatten(1).sum(1)
-            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(),
+            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
                               save=self._chan(nnz_r).expand_as(out), overhead=overhead)
         return out
 
@@ -207,7 +259,8 @@ class ENPOp(ExPruneOp):
             var = var * (a * a)
         return m / torch.sqrt(var / self.k)
 
-    def _cdim(self, out: Tensor) -> int:
+    def channel_dim(self, out: Tensor) -> int:
+        """The output-channel axis of an output (or statistic) of this op."""
         return out.dim() - 1 if self.op == "linear" else 1
 
     def _chan(self, t: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Iterator, Mapping
 from torch import nn
 
 from ..errors import ConfigError
-from .config import check_alpha, check_threshold
+from .config import check_alpha, check_site_threshold, check_threshold
 from .ops import ExPruneOp
 
 
@@ -33,9 +33,10 @@ class ExPruneRuntime(nn.Module):
         return f"rule={self.rule}, k={self.k}, sites={len(self.ops)}, skipped={len(self.skipped)}"
 
     # -- knobs -----------------------------------------------------------------------------
-    def set_thresholds(self, value: float | Mapping[str, float]) -> None:
-        """Set T for every site (a float) or for the named sites (a dict); -inf prunes nothing."""
-        for name, v in self._per_site("threshold", value, check_threshold).items():
+    def set_thresholds(self, value: float | Mapping[str, float | list[float]]) -> None:
+        """Set T for every site (a float) or for the named sites (a dict of floats, or of per-channel
+        lists for conv/linear sites, as ``calibrate`` returns); -inf prunes nothing."""
+        for name, v in self._per_site("threshold", value, check_threshold, check_site_threshold).items():
             self.ops[name].set_threshold(v)
 
     def set_alpha(self, value: float | Mapping[str, float]) -> None:
@@ -55,19 +56,24 @@ class ExPruneRuntime(nn.Module):
             self.set_thresholds(saved[0])
             self.set_alpha(saved[1])
 
-    def thresholds(self) -> dict[str, float]:
-        return {name: float(op.threshold) for name, op in self.ops.items()}
+    def thresholds(self) -> dict[str, float | list[float]]:
+        """Site -> T: a float, or a list with one T per output channel."""
+        return {name: op.threshold_value() for name, op in self.ops.items()}
+
+    def pruning_sites(self) -> list[str]:
+        """Sites whose knob can predict anything (some T > -inf, or alpha > 0 for the z-test)."""
+        return [name for name, op in self.ops.items() if bool((op.cutoff() > float("-inf")).any())]
 
     def alphas(self) -> dict[str, float]:
         return {name: float(op.alpha) for name, op in self.ops.items()}
 
-    def _per_site(self, field: str, value, check) -> dict[str, float]:
+    def _per_site(self, field: str, value, check, check_entry=None) -> dict:
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(self.ops))
             if unknown:
                 raise ConfigError(f"ExPrune {field}: no ExPrune op at {unknown}; sites with ops: {list(self.ops)}"
                                   + (f"; skipped: {self.skipped}" if self.skipped else ""))
-            return {name: check(f"{field}[{name!r}]", v) for name, v in value.items()}
+            return {name: (check_entry or check)(f"{field}[{name!r}]", v) for name, v in value.items()}
         v = check(field, value)
         return {name: v for name in self.ops}
 
