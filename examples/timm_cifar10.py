@@ -108,9 +108,9 @@ def main(argv=None) -> int:
 
     clock = time.perf_counter()
     exp = fxprune.wrap(pruned, example, exprune=fxprune.ExPruneConfig(k=args.k, heads=True))
-    thresholds = fxprune.calibrate(exp, calib.batches(256), lambda m: accuracy(m, calib), max_drop=args.max_drop,
+    fxprune.calibrate(exp, calib.batches(256), lambda m: accuracy(m, calib), max_drop=args.max_drop,
                                    progress=False)
-    active = sum(math.isfinite(t) for t in thresholds.values())
+    active = len(exp.fxprune.exprune.pruning_sites())
     print(f"exprune    {len(exp.fxprune.exprune.ops)} sites, {active} pruning after calibration on {len(calib)} "
           f"images  ({time.perf_counter() - clock:.0f} s)")
 

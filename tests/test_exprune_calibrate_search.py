@@ -172,6 +172,6 @@ def test_calibrate_a_two_input_model(two_input_model):
     with pytest.raises(ConfigError, match="two inputs"):
         calibrate(gm, pairs, agreement, 0.05, progress=False)
     chosen = calibrate(gm, pairs, agreement, 0.05, batch_inputs=lambda b: b, progress=False)
-    assert agreement(gm) >= 0.95 - 1e-9 and any(v > -math.inf for v in chosen.values())
+    assert agreement(gm) >= 0.95 - 1e-9 and any(torch.tensor(v).max() > -math.inf for v in chosen.values())
     calibrate(gm, [((xb, zb), None) for xb, zb in pairs], agreement, 0.05, progress=False)
     assert agreement(gm) >= 0.95 - 1e-9

@@ -11,6 +11,11 @@
      effect[r, t] = sum over the elements of row r with s < c_t of g * delta,
    the first-order change of row r's score, g = d score / d output (a head that produces the
    model output gets its exact change). Only these tables are kept, never the activations.
+   Per-channel cutoffs (rule "threshold", ``per_channel=True``, the default): for conv/linear
+   sites s is not m itself but log r_c(m), the expected harm per MAC saved of predicting the
+   element under a per-channel model fitted on the first batch (:class:`ChannelHarm`). One cutoff
+   on it is one T per output channel, so the channels whose first k terms predict the rest well,
+   or whose outputs matter little, are pruned further, at no extra cost in the search below.
 3. Allocation: greedy from "nothing pruned"; each step moves one site to a higher cutoff, the move
    with the most MACs saved per unit of added penalty (ties: the most MACs). The penalty is a
    function of the joint change c = sum over sites of effect[:, t_site], so interactions between
@@ -26,7 +31,10 @@
      output, else the whole batch (still unbiased: label draws are independent across samples).
 4. Joint verification along the path with ``metric_fn``: the result is the furthest allocation
    measured to keep metric >= dense metric - max_drop, so the constraint holds on the calibration
-   data. Each measurement is placed where a proportional model, drop = beta * predicted penalty
+   data. When ``metric_fn`` returns per-sample scores the drop counts only the samples that got
+   worse: searching for the furthest allocation otherwise selects ones where lucky fixes of
+   samples the dense model gets wrong offset real losses, and those fixes do not carry over to
+   new data. Each measurement is placed where a proportional model, drop = beta * predicted penalty
    (beta pooled from the drops measured so far; top1 starts from one point per two predicted
    flips), puts the boundary; a step that does not halve the bracket is followed by a bisection,
    so at worst it takes about twice bisection's calls. The search stops after ``max_evals`` calls,
@@ -79,11 +87,95 @@ class SiteTable:
     effect: Tensor  # (R, B) float32, first-order change of each row's score at each cutoff
 
 
+class ChannelHarm:
+    """Per-channel model of what predicting one element of a threshold-rule site costs, per MAC saved.
+
+    Fitted on one probe batch, per output channel c: the pre-activation given the statistic m is
+    modelled as pre = slope_c * m + offset_c + sigma_c * Z, Z ~ N(0, 1) (least squares; with
+    exchangeable terms slope_c is about n), and the importance of the channel's outputs by w_c, the
+    root mean square of d score / d output over the batch. Predicting an element zeroes relu(pre), so
+    its expected harm per MAC saved is
+        r_c(m) = w_c / save_c * E[relu(pre) | m] = w_c * sigma_c / save_c * h(u),
+        u = (slope_c * m + offset_c) / sigma_c,   h(u) = phi(u) + u * Phi(u)
+    (save_c = MACs predicting one element saves). The tables use log r_c(m) as the statistic, so one
+    cutoff per site on it is a per-channel cutoff T_c on m (r_c is increasing in m): the channels whose
+    outputs matter less, or whose first k terms predict the rest better, are pruned further. Channels
+    with slope_c <= 0 or nothing to save are never predicted.
+    """
+
+    def __init__(self, dim: int, slope: Tensor, offset: Tensor, sigma: Tensor, log_scale: Tensor, usable: Tensor):
+        self.dim, self.slope, self.offset, self.sigma = dim, slope, offset, sigma
+        self.log_scale, self.usable = log_scale, usable
+
+    @classmethod
+    def fit(cls, dim: int, stat: Tensor, pre: Tensor, grad: Tensor | None, save: Tensor) -> "ChannelHarm":
+        def per_channel(t: Tensor) -> Tensor:  # (elements per channel, C), float64
+            return t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()
+
+        m, y = per_channel(stat), per_channel(pre)
+        finite = torch.isfinite(m) & torch.isfinite(y)
+        count = finite.sum(0).clamp_min(1)
+        m, y = m.where(finite, 0.0), y.where(finite, 0.0)
+        m_mean, y_mean = m.sum(0) / count, y.sum(0) / count
+        dm, dy = (m - m_mean).where(finite, 0.0), (y - y_mean).where(finite, 0.0)
+        slope = (dm * dy).sum(0) / (dm * dm).sum(0).clamp_min(1e-300)
+        offset = y_mean - slope * m_mean
+        resid = (y - slope * m - offset).where(finite, 0.0)
+        sigma = (resid.pow(2).sum(0) / count).sqrt()
+        sigma = sigma.clamp_min(1e-6 * max(float(sigma.max()), 1e-30))
+        w = per_channel(grad).pow(2).mean(0).sqrt() if grad is not None else torch.ones_like(slope)
+        w = w.clamp_min(1e-3 * max(float(w.median()), 1e-30))
+        saves = per_channel(save)[0]
+        usable = (slope > 0) & torch.isfinite(slope) & (saves > 0) & (finite.sum(0) > 1)
+        log_scale = torch.log(w) + torch.log(sigma) - torch.log(saves.clamp_min(1))
+        return cls(dim, slope.to(stat.device), offset.to(stat.device), sigma.to(stat.device),
+                   log_scale.to(stat.device), usable.to(stat.device))
+
+    def _view(self, t: Tensor, like: Tensor) -> Tensor:
+        shape = [1] * like.dim()
+        shape[self.dim] = -1
+        return t.view(shape)
+
+    def __call__(self, stat: Tensor) -> Tensor:
+        """log r_c(m) per element (float32; +inf in channels never predicted, NaN where m is NaN)."""
+        v = lambda t: self._view(t, stat)  # noqa: E731
+        u = (v(self.slope) * stat.double() + v(self.offset)) / v(self.sigma)
+        out = (_log_h(u) + v(self.log_scale)).float()
+        return out.masked_fill(~v(self.usable), math.inf)
+
+    def tests(self, stat: Tensor) -> int:
+        """Elements of ``stat`` in channels that run the test once the site is enabled."""
+        return int(self.usable.sum()) * (stat.numel() // self.usable.numel())
+
+    def inverse(self, level: float) -> list[float]:
+        """Per-channel T on m with log r_c(T) = level (-inf in channels never predicted)."""
+        target = level - self.log_scale
+        lo, hi = torch.full_like(target, -60.0), torch.full_like(target, 60.0)
+        for _ in range(64):  # bisection on u; h is increasing
+            mid = (lo + hi) / 2
+            below = _log_h(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        threshold = (lo * self.sigma - self.offset) / self.slope
+        return threshold.masked_fill(~self.usable, -math.inf).tolist()
+
+
+def _log_h(u: Tensor) -> Tensor:
+    """log(phi(u) + u * Phi(u)) = log E[relu(u + Z)], Z ~ N(0, 1), for float64 u; below u = -20 the
+    asymptotic series phi(u) / u^2 * (1 - 3 / u^2 + 15 / u^4 - 105 / u^6), where the direct form cancels."""
+    cdf = 0.5 * torch.special.erfc(-u / math.sqrt(2.0))  # accurate in the lower tail, unlike torch.special.ndtr
+    direct = torch.log((torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi) + u * cdf).clamp_min(1e-300))
+    far = u.clamp_max(-20.0)
+    inv = 1 / (far * far)
+    series = torch.log1p(inv * (-3 + inv * (15 - 105 * inv)))
+    tail = -0.5 * far * far - 0.5 * math.log(2 * math.pi) - 2 * torch.log(-far) + series
+    return torch.where(u < -20, tail, direct)
+
+
 def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Module], float],
               max_drop: float = 0.001, *, batch_inputs: Callable[[Any], Any] | None = None, progress: bool = True,
               objective: str = "auto", bins: int = 64,
               smoothing: float = 0.05, max_evals: int = 8, tolerance: float = 0.01, seed: int = 0,
-              sample_limit: int = 200_000) -> dict[str, float]:
+              sample_limit: int = 200_000, per_channel: bool = True) -> dict[str, float | list[float]]:
     """Choose per-site cutoffs that save the most effective MACs with metric >= dense - max_drop.
 
     Args:
@@ -95,8 +187,12 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
             positional inputs. A 2-item batch for a model that requires exactly two inputs is
             ambiguous and raises :class:`ConfigError` unless its first item is a tuple: pass
             ``batch_inputs``.
-        metric_fn: ``metric_fn(model) -> float``, higher is better (e.g. accuracy as a fraction on
-            the calibration set). Called at most ``max_evals + 1`` times.
+        metric_fn: ``metric_fn(model)``, higher is better, called at most ``max_evals + 1`` times.
+            Either a float (e.g. accuracy as a fraction on the calibration set; the drop is
+            dense - pruned) or a 1-D tensor of per-sample scores in the same sample order on every
+            call (e.g. per-sample correctness as 0/1; the drop is the mean over samples of
+            max(dense_i - pruned_i, 0), so samples the pruning happens to fix do not offset those
+            it breaks: such fixes on calibration data do not carry over to new data).
         max_drop: allowed metric drop from the dense model, in the metric's units.
         batch_inputs: ``batch_inputs(batch) -> inputs``, a tensor (the only input) or a tuple of
             positional inputs, e.g. ``lambda b: (b.x, b.edge_index)`` or ``lambda b: b`` for batches
@@ -112,10 +208,14 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
             total (the best known infeasible allocation's).
         seed: seed of the label draws (fisher) and of the subsample placing the cutoffs.
         sample_limit: statistic values per site used to place the cutoffs.
+        per_channel: rule "threshold": one T per output channel of each conv/linear site, from a
+            per-channel model of the harm of predicting (see the module docstring); False: one T
+            per site. The z-test rule and head sites always get one knob per site.
 
     Returns:
-        site name -> the chosen threshold T (rule "threshold") or alpha (rule "ztest"); -inf / 0.0
-        for sites left dense. They are set on the model, which is left in eval mode.
+        site name -> the chosen threshold T (rule "threshold": a float, or a list with one T per
+        output channel) or alpha (rule "ztest"); -inf / 0.0 for sites left dense. They are set on
+        the model, which is left in eval mode; ``ExPruneConfig(threshold=<this dict>)`` rebuilds them.
     """
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
         raise ConfigError(f"calibrate: max_drop must be a float >= 0 (metric units), got {max_drop!r}")
@@ -125,27 +225,28 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     inner = getattr(model, "_orig_mod", model)
     read = _batch_reader(inner, batch_inputs)
     model.eval()
-    _apply(ops, {})
-    tables, margins = _probe(inner, ops, batches, read, objective, bins, seed, sample_limit, progress)
-    dense = float(metric_fn(model))
+    _apply(ops, {}, {})
+    tables, margins, harms = _probe(inner, ops, batches, read, objective, bins, seed, sample_limit, progress,
+                                    per_channel)
+    dense = _score(metric_fn(model), None)
     penalty = _Flips(tables, margins, smoothing) if margins is not None else _Quadratic(tables)
     path, predicted = _greedy_path(tables, penalty)
 
-    slack = 1e-9 * max(1.0, abs(dense))  # a drop of exactly max_drop is allowed
+    slack = 1e-9 * max(1.0, abs(dense) if isinstance(dense, float) else 1.0)  # a drop of exactly max_drop is allowed
 
     def drop_at(position: int) -> float:
-        _apply(ops, _allocation(path, position, tables))
-        return dense - float(metric_fn(model))
+        _apply(ops, _allocation(path, position, tables), harms)
+        return _drop(dense, _score(metric_fn(model), dense))
 
     prior = 1 / (2 * margins.numel()) if margins is not None else None
     saved = _path_savings(path, tables)
     with tqdm(total=max_evals, desc="exprune verify", disable=not progress) as bar:
         lo = _search(drop_at, [0.0, *predicted], saved, max_drop + slack, prior, max_evals, tolerance, bar.update)
     chosen = _allocation(path, lo, tables)
-    _apply(ops, chosen)
+    _apply(ops, chosen, harms)
     for op in ops.values():
         op.reset_stats()
-    return {name: _knob(op, chosen.get(name)) for name, op in ops.items()}
+    return {name: _knob(op, chosen.get(name), harms.get(name)) for name, op in ops.items()}
 
 
 def find_ops(model: nn.Module) -> dict[str, ExPruneOp]:
@@ -158,21 +259,50 @@ def find_ops(model: nn.Module) -> dict[str, ExPruneOp]:
     return ops
 
 
-def _knob(op: ExPruneOp, cutoff: float | None) -> float:
-    """The op's knob for a cutoff in statistic units: T itself, or alpha = Phi(cutoff)."""
+def _knob(op: ExPruneOp, cutoff: float | None, harm: "ChannelHarm | None" = None) -> float | list[float]:
+    """The op's knob for a cutoff in the units of the tables: T itself, per-channel T (the cutoff is a
+    level of ``harm``), or alpha = Phi(cutoff)."""
     if op.rule == "threshold":
-        return -math.inf if cutoff is None else cutoff
+        if cutoff is None:
+            return -math.inf
+        return harm.inverse(cutoff) if harm is not None else cutoff
     return 0.0 if cutoff is None else 0.5 * math.erfc(-cutoff / math.sqrt(2.0))
 
 
-def _apply(ops: dict[str, ExPruneOp], cutoffs: dict[str, float]) -> None:
-    """Set each op's cutoff (statistic units); sites not named are left dense."""
+def _apply(ops: dict[str, ExPruneOp], cutoffs: dict[str, float], harms: dict[str, "ChannelHarm"]) -> None:
+    """Set each op's cutoff (units of the tables); sites not named are left dense."""
     for name, op in ops.items():
-        value = _knob(op, cutoffs.get(name))
+        value = _knob(op, cutoffs.get(name), harms.get(name))
         if op.rule == "threshold":
             op.set_threshold(value)
         else:
             op.set_alpha(value)
+
+
+def _score(value: Any, dense: float | Tensor | None) -> float | Tensor:
+    """A metric_fn result as a float or a 1-D float64 tensor (shaped like the dense one)."""
+    if isinstance(value, Tensor) and value.dim() > 0:
+        scores = value.detach().double().cpu()
+        if scores.dim() != 1 or (dense is not None and (not isinstance(dense, Tensor) or dense.shape != scores.shape)):
+            expected = "a float" if isinstance(dense, float) else f"shape {tuple(dense.shape)}" if dense is not None else "1-D"
+            raise ConfigError(f"calibrate: metric_fn returned a tensor of shape {tuple(scores.shape)}; expected "
+                              f"{expected} (a float, or per-sample scores in the same order on every call)")
+        return scores
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"calibrate: metric_fn must return a float or a 1-D tensor of per-sample scores, got "
+                          f"{type(value).__name__}") from None
+    if isinstance(dense, Tensor):
+        raise ConfigError("calibrate: metric_fn returned per-sample scores for the dense model, then a float")
+    return number
+
+
+def _drop(dense: float | Tensor, pruned: float | Tensor) -> float:
+    """dense - pruned, or for per-sample scores the mean of the per-sample losses (gains not counted)."""
+    if isinstance(dense, Tensor):
+        return float((dense - pruned).clamp_min(0).mean()) if dense.numel() else 0.0
+    return dense - pruned
 
 
 def _batch_reader(model: nn.Module, batch_inputs: Callable[[Any], Any] | None) -> Callable[[Any], tuple]:
@@ -224,13 +354,16 @@ def _first_tensor(output: Any) -> Tensor:
 
 
 def _probe(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, read: Callable[[Any], tuple],
-           objective: str, bins: int, seed: int, sample_limit: int, progress: bool) -> tuple[dict[str, SiteTable], Tensor | None]:
-    """One pass over the batches: the per-site tables, and the dense margins (top1) or None (fisher)."""
+           objective: str, bins: int, seed: int, sample_limit: int, progress: bool, per_channel: bool
+           ) -> tuple[dict[str, SiteTable], Tensor | None, dict[str, "ChannelHarm"]]:
+    """One pass over the batches: the per-site tables, the dense margins (top1) or None (fisher), and
+    the per-channel harm models of the sites whose tables are in harm units (per_channel)."""
     device = next(iter(ops.values())).threshold.device
     generator = torch.Generator(device=device).manual_seed(seed)
     edges: dict[str, Tensor] = {}
     saved: dict[str, Tensor] = {}
     effects: dict[str, list[Tensor]] = {}
+    harms: dict[str, ChannelHarm] = {}
     margins: list[Tensor] = []
     samples = 0
     try:
@@ -262,18 +395,26 @@ def _probe(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, read:
                     contrib = (change / (out.numel() // rows)).view(rows, *[1] * (out.dim() - 1)).expand(out.shape)
                 else:
                     contrib = g * p["delta"] if g is not None else torch.zeros_like(p["delta"])
+                op = ops[name]
                 if name not in edges:
-                    edges[name] = _edges(p["stat"], bins, sample_limit, generator)
+                    if per_channel and op.rule == "threshold" and op.per_channel and "pre" in p:
+                        harms[name] = ChannelHarm.fit(op.channel_dim(p["stat"]), p["stat"], p["pre"], g, p["save"])
+                    stat = harms[name](p["stat"]) if name in harms else p["stat"]
+                    edges[name] = _edges(stat, bins, sample_limit, generator)
                     saved[name] = torch.zeros(edges[name].numel(), dtype=torch.float64)
                     effects[name] = []
-                s, e = _tables(edges[name], p, contrib, rows)
+                if name in harms:
+                    stat, tests = harms[name](p["stat"]), harms[name].tests(p["stat"])
+                else:
+                    stat, tests = p["stat"], p["stat"].numel()
+                s, e = _tables(edges[name], stat, p["save"], p["overhead"] * tests, contrib, rows)
                 saved[name] += s
                 effects[name].append(e)
     finally:
         for op in ops.values():
             op.probe = None
     tables = {name: SiteTable(edges[name], saved[name] / samples, torch.cat(effects[name])) for name in edges}
-    return tables, (torch.cat(margins) if margins else None)
+    return tables, (torch.cat(margins) if margins else None), harms
 
 
 def _score_fn(objective: str, out: Tensor, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
@@ -307,19 +448,21 @@ def _edges(stat: Tensor, bins: int, limit: int, generator: torch.Generator) -> T
     return torch.unique(values[(levels * (values.numel() - 1)).round().long()])
 
 
-def _tables(edges: Tensor, probe: dict, contrib: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+def _tables(edges: Tensor, stat: Tensor, save: Tensor, overhead: float, contrib: Tensor, rows: int
+            ) -> tuple[Tensor, Tensor]:
     """One batch of one site: MACs saved per cutoff (summed over the batch) and the (rows, B) effect.
 
-    ``contrib`` is each element's first-order change of its row's score if it were predicted.
+    ``save`` is each element's MACs saved if predicted, ``overhead`` the batch's test MACs while
+    the site is enabled, ``contrib`` each element's first-order change of its row's score if it
+    were predicted.
     """
     b = edges.numel()
-    stat = probe["stat"]
     flat = stat.reshape(rows, -1).contiguous()
     # idx = number of cutoffs <= s; the element is predicted at cutoff t  <=>  s < edges[t]  <=>  idx <= t
     idx = torch.searchsorted(edges, flat, right=True).masked_fill(torch.isnan(flat), b)
     per_bin = torch.zeros(b + 1, dtype=torch.float64, device=flat.device)
-    per_bin.scatter_add_(0, idx.reshape(-1), probe["save"].reshape(-1).to(torch.float64))
-    saved = per_bin[:b].cumsum(0) - probe["overhead"] * stat.numel()
+    per_bin.scatter_add_(0, idx.reshape(-1), save.reshape(-1).to(torch.float64))
+    saved = per_bin[:b].cumsum(0) - overhead
     per_row = torch.zeros(rows, b + 1, dtype=torch.float64, device=flat.device)
     per_row.scatter_add_(1, idx, contrib.reshape(rows, -1).to(torch.float64))
     return saved.cpu(), per_row[:, :b].cumsum(1).float().cpu()
