@@ -56,6 +56,12 @@ a held-out drop of +0.05 to +0.13 points, 6,000 gave 8.7 % (+0.10) and 24.7 % (+
 held-out drop of an allocation depends on which digit images are held out far more than on the
 number of augmented copies, and a 0.1-point budget on 2,000 samples is 2 net samples, so no
 search can place the allocation more finely than that noise.
+Per-channel cutoffs and per-sample drops (three development splits, 2,000 calibration samples from
+225 images, 4,000 held out from 225 others, max_drop 0.001): 30.4 / 21.4 / 36.3 % saved at held-out
+drops of +0.42 / +0.15 / +0.30 pt, where one cutoff per site saved 21.4 / 9.2 / 28.5 % at +0.22 /
++0.12 / +0.55 pt. With the net accuracy drop instead, per-channel allocations had 11-13 calibration
+flips of which 5 were fixes, and 0-1 fixes among 18-31 held-out flips: the fixes were the search's
+luck, hence per-sample scores. On the benchmark's own split: 19.7 % at +0.05 pt (per site: 14.4 %).
 
 Batches are read by :func:`_batch_reader` (see ``calibrate``'s docstring): a 2-item batch is
 (inputs, target); models with two inputs pass ``batch_inputs``.
