@@ -11,7 +11,7 @@ from .errors import ConfigError, FxpruneError, NameClashError, ShapeError, Trace
 from .flops import FlopReport, flops  # eager: the function must shadow the submodule of the same name
 from .wrap import wrap
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Names provided by the transform and report stages, resolved on first use so that importing
 # fxprune stays cheap and each stage stays in its own module.
