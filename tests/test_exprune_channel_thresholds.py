@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fxprune.errors import ConfigError
 from fxprune.exprune import ExPruneConfig
-from fxprune.exprune.calibrate import ChannelHarm, _drop, _log_h, _score, calibrate
+from fxprune.exprune.calibrate import ChannelHarm, _drop, _log_h, _metric_value, calibrate
 from test_exprune_calibrate import accuracy_on, blobs, wrapped
 from test_exprune_ops import ConvChain, cached, hand_statistic, inject, randomize_bn, reference_relu, site_output
 
@@ -168,15 +168,15 @@ def test_log_h_is_accurate_and_increasing_across_the_switch_to_its_tail():
 
 
 def test_per_sample_metric_counts_only_losses():
-    dense = _score(torch.tensor([1.0, 1.0, 0.0, 0.0]), None)
-    assert _drop(dense, _score(torch.tensor([0.0, 1.0, 1.0, 1.0]), dense)) == pytest.approx(0.25)
-    assert _drop(0.5, _score(0.75, 0.5)) == pytest.approx(-0.25)  # a float metric: the net drop
+    dense = _metric_value(torch.tensor([1.0, 1.0, 0.0, 0.0]), None)
+    assert _drop(dense, _metric_value(torch.tensor([0.0, 1.0, 1.0, 1.0]), dense)) == pytest.approx(0.25)
+    assert _drop(0.5, _metric_value(0.75, 0.5)) == pytest.approx(-0.25)  # a float metric: the net drop
     with pytest.raises(ConfigError, match=r"shape \(3,\); expected shape \(4,\)"):
-        _score(torch.ones(3), dense)
+        _metric_value(torch.ones(3), dense)
     with pytest.raises(ConfigError, match="per-sample scores for the dense model, then a float"):
-        _score(0.5, dense)
+        _metric_value(0.5, dense)
     with pytest.raises(ConfigError, match="float or a 1-D tensor"):
-        _score("high", None)
+        _metric_value("high", None)
 
 
 def test_calibrate_with_per_sample_scores_and_per_channel_results_round_trip():

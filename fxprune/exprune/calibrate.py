@@ -234,7 +234,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     _apply(ops, {}, {})
     tables, margins, harms = _probe(inner, ops, batches, read, objective, bins, seed, sample_limit, progress,
                                     per_channel)
-    dense = _score(metric_fn(model), None)
+    dense = _metric_value(metric_fn(model), None)
     penalty = _Flips(tables, margins, smoothing) if margins is not None else _Quadratic(tables)
     path, predicted = _greedy_path(tables, penalty)
 
@@ -242,7 +242,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
 
     def drop_at(position: int) -> float:
         _apply(ops, _allocation(path, position, tables), harms)
-        return _drop(dense, _score(metric_fn(model), dense))
+        return _drop(dense, _metric_value(metric_fn(model), dense))
 
     prior = 1 / (2 * margins.numel()) if margins is not None else None
     saved = _path_savings(path, tables)
@@ -285,7 +285,7 @@ def _apply(ops: dict[str, ExPruneOp], cutoffs: dict[str, float], harms: dict[str
             op.set_alpha(value)
 
 
-def _score(value: Any, dense: float | Tensor | None) -> float | Tensor:
+def _metric_value(value: Any, dense: float | Tensor | None) -> float | Tensor:
     """A metric_fn result as a float or a 1-D float64 tensor (shaped like the dense one)."""
     if isinstance(value, Tensor) and value.dim() > 0:
         scores = value.detach().double().cpu()
