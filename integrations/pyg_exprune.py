@@ -136,8 +136,7 @@ class MessagePassingENPOp(ENPOp):
         full = torch.relu(pre)
 
         stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, None)
-        self._check_channels(pre.shape[-1])
-        predicted = stat < self.cutoff()
+        predicted = self._predicted(stat, pre.shape[-1])
         out = full.masked_fill(predicted, 0.0)
 
         terms = weight if root_weight is None else torch.stack((weight, root_weight), dim=-1)

@@ -401,18 +401,16 @@ def _probe(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, read:
                     contrib = (change / (out.numel() // rows)).view(rows, *[1] * (out.dim() - 1)).expand(out.shape)
                 else:
                     contrib = g * p["delta"] if g is not None else torch.zeros_like(p["delta"])
-                op = ops[name]
-                if name not in edges:
-                    if per_channel and op.rule == "threshold" and op.per_channel and "pre" in p:
-                        harms[name] = ChannelHarm.fit(op.channel_dim(p["stat"]), p["stat"], p["pre"], g, p["save"])
-                    stat = harms[name](p["stat"]) if name in harms else p["stat"]
+                op, first = ops[name], name not in edges
+                if first and per_channel and op.rule == "threshold" and op.per_channel and "pre" in p:
+                    harms[name] = ChannelHarm.fit(op.channel_dim(p["stat"]), p["stat"], p["pre"], g, p["save"])
+                harm = harms.get(name)
+                stat = harm(p["stat"]) if harm is not None else p["stat"]
+                tests = harm.tests(p["stat"]) if harm is not None else stat.numel()
+                if first:
                     edges[name] = _edges(stat, bins, sample_limit, generator)
                     saved[name] = torch.zeros(edges[name].numel(), dtype=torch.float64)
                     effects[name] = []
-                if name in harms:
-                    stat, tests = harms[name](p["stat"]), harms[name].tests(p["stat"])
-                else:
-                    stat, tests = p["stat"], p["stat"].numel()
                 s, e = _tables(edges[name], stat, p["save"], p["overhead"] * tests, contrib, rows)
                 saved[name] += s
                 effects[name].append(e)

@@ -65,10 +65,8 @@ def check_threshold(field: str, value) -> float:
 
 def check_site_threshold(field: str, value) -> float | list[float]:
     """One site's T: a float, or a non-empty list of per-output-channel floats (not NaN)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) and not hasattr(value, "tolist"):
-        return check_threshold(field, value)
-    values = value.tolist() if hasattr(value, "tolist") else list(value)
-    if not isinstance(values, list):  # a 0-dim tensor or array
+    values = value.tolist() if hasattr(value, "tolist") else value  # tensors and arrays (0-dim: a float)
+    if not isinstance(values, (list, tuple)):
         return check_threshold(field, values)
     if not values:
         raise ConfigError(f"ExPrune {field} must be a float or a non-empty list of per-channel floats, got []")

@@ -61,6 +61,7 @@ class ExPruneOp(nn.Module):
     """
 
     kind = "enp"
+    per_channel = False  # whether decisions are per output channel (so T may be too)
 
     def __init__(self, site: str, rule: str, k: int, n: int, threshold: float | list[float] = -math.inf,
                  alpha: float = 0.0):
@@ -99,8 +100,6 @@ class ExPruneOp(nn.Module):
     def set_alpha(self, value: float) -> None:
         self.alpha.fill_(float(value))
         self.z_crit.fill_(normal_ppf(float(value)))
-
-    per_channel = False  # whether decisions are per output channel (so T may be too)
 
     def cutoff(self) -> Tensor:
         """The bound the statistic is compared with: T (threshold rule) or Phi^-1(alpha) (z-test)."""
@@ -195,11 +194,13 @@ class ENPOp(ExPruneOp):
             return self._chan(self.channel_threshold)
         return super().cutoff()
 
-    def _check_channels(self, channels: int) -> None:
+    def _predicted(self, stat: Tensor, channels: int) -> Tensor:
+        """stat < cutoff, once per-channel T (if set) are checked against the output's channels."""
         given = self.channel_threshold.numel()
         if given and given != channels:
             raise ConfigError(f"ExPrune site '{self.site}' has {channels} output channels but {given} "
                               f"per-channel thresholds")
+        return stat < self.cutoff()
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
                 running_mean: Tensor | None = None, running_var: Tensor | None = None,
@@ -218,8 +219,7 @@ class ENPOp(ExPruneOp):
 
         stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, residual)
         channels = full.shape[self.channel_dim(full)]
-        self._check_channels(channels)
-        predicted = stat < self.cutoff()
+        predicted = self._predicted(stat, channels)
         out = full.masked_fill(predicted, 0.0)
 
         overhead = (1 if self.rule == "threshold" else self.k + 3) + (residual is not None)
