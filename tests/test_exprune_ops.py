@@ -12,7 +12,7 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import WrapError
-from fxprune.exprune import ExPruneConfig, apply_exprune
+from fxprune.exprune import ExPruneConfig, apply_exprune, probe
 
 
 class ConvChain(nn.Module):
@@ -81,10 +81,10 @@ def hand_statistic(model: ConvChain, x: torch.Tensor, k: int) -> torch.Tensor:
 def site_output(gm, x, site: str):
     """Output of one op and its statistic (via the calibration probe)."""
     op = gm.get_submodule(f"{site}.exprune")
-    op.probe = {}
-    gm(x)
-    probe, op.probe = op.probe, None
-    return probe["out"].detach(), probe["stat"], op
+    with probe.recording([op]) as records:
+        gm(x)
+    record = records[id(op)]
+    return record["out"].detach(), record["stat"], op
 
 
 def reference_relu(model: ConvChain, x):

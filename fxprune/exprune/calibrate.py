@@ -79,6 +79,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from . import probe
 from .ops import ExPruneOp
 
 OBJECTIVES = ("auto", "top1", "fisher")
@@ -372,15 +373,14 @@ def _probe(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, read:
     harms: dict[str, ChannelHarm] = {}
     margins: list[Tensor] = []
     samples = 0
-    try:
+    with probe.recording(ops.values()) as records:
         for item in tqdm(batches, desc="exprune probe", disable=not progress):
-            for op in ops.values():
-                op.probe = {}
+            probe.clear(records)
             inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in read(item))
             with torch.enable_grad():
                 raw = _first_tensor(model(*inputs))
                 out = raw.float()
-                active = {name: op.probe for name, op in ops.items() if "out" in op.probe}
+                active = {name: records[id(op)] for name, op in ops.items() if "out" in records[id(op)]}
                 aligned = all(p["out"].shape[0] == out.shape[0] for p in active.values())
                 if objective == "auto":
                     objective = "top1" if out.dim() == 2 and out.shape[1] >= 2 and aligned else "fisher"
@@ -414,9 +414,6 @@ def _probe(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, read:
                 s, e = _tables(edges[name], stat, p["save"], p["overhead"] * tests, contrib, rows)
                 saved[name] += s
                 effects[name].append(e)
-    finally:
-        for op in ops.values():
-            op.probe = None
     tables = {name: SiteTable(edges[name], saved[name] / samples, torch.cat(effects[name])) for name in edges}
     return tables, (torch.cat(margins) if margins else None), harms
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, WrapError
+from . import probe
 
 STAT_BUFFERS = ("calls", "elements", "predicted", "dense_macs", "static_macs", "effective_macs")
 _ZTEST_CHUNK = 8  # input channels per grouped conv when the z-test needs the per-channel terms
@@ -74,7 +75,6 @@ class ExPruneOp(nn.Module):
         self.set_threshold(threshold)
         for name in STAT_BUFFERS:
             self.register_buffer(name, torch.zeros((), dtype=torch.int64))
-        self.probe: dict | None = None  # set by calibrate(): forward stores its statistics here (eager only)
         self.chain: list = []  # the replaced fx nodes, for strip_exprune (set by apply_exprune)
 
     # -- knobs -----------------------------------------------------------------------------
@@ -225,12 +225,10 @@ class ENPOp(ExPruneOp):
         overhead = (1 if self.rule == "threshold" else self.k + 3) + (residual is not None)
         kept = (~predicted).movedim(self.channel_dim(out), -1).reshape(-1, channels).sum(0)
         self._count(weight, out.numel() // channels, kept, out.numel(), predicted.sum(), overhead)
-        if self.probe is not None:
-            if not out.requires_grad:  # calibrate() differentiates the loss w.r.t. this output
-                out.requires_grad_()
+        if probe.is_recorded(self):
             nnz_r = (weight[:, self.k:] != 0).flatten(1).sum(1)
-            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
-                              save=self._chan(nnz_r).expand_as(out), overhead=overhead)
+            probe.emit(self, out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
+                       save=self._chan(nnz_r).expand_as(out), overhead=overhead)
         return out
 
     def _statistic(self, s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, residual) -> Tensor:
@@ -343,11 +341,9 @@ class DominanceOp(ExPruneOp):
         kept = (~predicted).sum().expand(classes)
         overhead = classes + (0 if self.rule == "threshold" else 2 * k + 3)
         self._count(weight, rows, kept, rows, predicted.sum(), overhead)
-        if self.probe is not None:
-            if not out.requires_grad:  # calibrate() differentiates the loss w.r.t. this output
-                out.requires_grad_()
+        if probe.is_recorded(self):
             nnz_r = (weight[:, k:] != 0).sum(1)
-            self.probe.update(out=out, stat=stat.detach().unsqueeze(-1).expand_as(out),
-                              delta=(extrapolated - full).detach(), save=nnz_r.expand_as(out),
-                              overhead=overhead / classes)
+            probe.emit(self, out, stat=stat.detach().unsqueeze(-1).expand_as(out),
+                       delta=(extrapolated - full).detach(), save=nnz_r.expand_as(out),
+                       overhead=overhead / classes)
         return out

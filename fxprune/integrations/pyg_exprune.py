@@ -47,6 +47,7 @@ from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
 from fxprune.errors import WrapError
 from fxprune.exprune.config import ExPruneConfig
 from fxprune.exprune.inject import record_chain
+from fxprune.exprune import probe
 from fxprune.exprune.ops import ENPOp
 
 __all__ = ["MessagePassingENPOp", "GINENPOp", "EdgeConvENPOp", "find_sites", "inject_site", "LAYERS"]
@@ -142,12 +143,10 @@ class MessagePassingENPOp(ENPOp):
         terms = weight if root_weight is None else torch.stack((weight, root_weight), dim=-1)
         overhead = 1 if self.rule == "threshold" else k + 3
         self._count(terms, out.shape[0], (~predicted).sum(0), out.numel(), predicted.sum(), overhead)
-        if self.probe is not None:
-            if not out.requires_grad:  # calibrate() differentiates the loss w.r.t. this output
-                out.requires_grad_()
+        if probe.is_recorded(self):
             nnz_r = (terms[:, k:] != 0).flatten(1).sum(1)
-            self.probe.update(out=out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
-                              save=nnz_r.expand_as(out), overhead=overhead)
+            probe.emit(self, out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
+                       save=nnz_r.expand_as(out), overhead=overhead)
         return self._finish(out, edge_index, nodes)
 
     def _operands(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, weight: Tensor,
