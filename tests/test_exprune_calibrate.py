@@ -13,7 +13,10 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.exprune import ExPruneConfig, apply_exprune
-from fxprune.exprune.calibrate import SiteTable, _Flips, _greedy_path, _Quadratic, calibrate
+from fxprune.exprune.calibrate import calibrate
+from fxprune.exprune.calibrate.penalty import FlipPenalty, QuadraticPenalty
+from fxprune.exprune.calibrate.search import greedy_path
+from fxprune.exprune.calibrate.tables import SiteTable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,8 +110,9 @@ def table(saved, effects, rows=50):
 @pytest.mark.parametrize("objective", ["fisher", "top1"])
 def test_greedy_prefers_free_savings_then_efficiency(objective):
     tables = {"costly": table([30.0, 60.0], [-0.5, -5.0]), "free": table([10.0, 20.0], [0.0, 0.0])}
-    penalty = _Quadratic(tables) if objective == "fisher" else _Flips(tables, torch.rand(50, dtype=torch.float64) + 1, 0.05)
-    path, values = _greedy_path(tables, penalty)
+    margins = torch.rand(50, dtype=torch.float64) + 1
+    penalty = QuadraticPenalty(tables) if objective == "fisher" else FlipPenalty(tables, margins, 0.05)
+    path, values = greedy_path(tables, penalty)
     assert path == [("free", 1), ("costly", 0), ("costly", 1)]  # free jumps to its larger saving first
     expected = 50 * 25.0 if objective == "fisher" else 50.0  # (-5)^2 per row / every sample flips
     assert values == sorted(values) and values[-1] == pytest.approx(expected, rel=1e-3)
@@ -117,7 +121,7 @@ def test_greedy_prefers_free_savings_then_efficiency(objective):
 def test_greedy_sees_interactions_between_sites():
     # B's change cancels A's: once one of them is in, the other one lowers the penalty
     tables = {"A": table([10.0], [1.0]), "B": table([10.0], [-1.0]), "C": table([1.0], [0.1])}
-    assert _greedy_path(tables, _Quadratic(tables))[0] == [("C", 0), ("B", 0), ("A", 0)]
+    assert greedy_path(tables, QuadraticPenalty(tables))[0] == [("C", 0), ("B", 0), ("A", 0)]
 
 
 def test_calibrate_errors():

@@ -12,11 +12,15 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.exprune import ExPruneConfig, apply_exprune
-from fxprune.exprune.calibrate import SiteTable, _batch_reader, _Flips, _Quadratic, _search, calibrate
+from fxprune.exprune.calibrate import calibrate
+from fxprune.exprune.calibrate.batches import batch_reader
+from fxprune.exprune.calibrate.penalty import FlipPenalty, QuadraticPenalty
+from fxprune.exprune.calibrate.search import verified_search
+from fxprune.exprune.calibrate.tables import SiteTable
 
 
 class Counter:
-    """drop_at for _search: a fixed drop per position, recording the positions measured."""
+    """drop_at for verified_search: a fixed drop per position, recording the positions measured."""
 
     def __init__(self, drops):
         self.drops, self.calls = list(drops), []
@@ -48,7 +52,7 @@ def test_search_returns_a_measured_feasible_position_within_the_budget_of_calls(
     drops, penalty, monotone = path
     drop_at = Counter(drops)
     saved = list(range(len(drops)))
-    lo = _search(drop_at, penalty, saved, max_drop, prior, max_evals, 0.0)
+    lo = verified_search(drop_at, penalty, saved, max_drop, prior, max_evals, 0.0)
     assert len(drop_at.calls) <= max_evals and len(set(drop_at.calls)) == len(drop_at.calls)
     assert lo == 0 or (lo in drop_at.calls and drops[lo] <= max_drop)
     if monotone and max_evals >= 2 * math.ceil(math.log2(len(drops) + 1)) + 2:
@@ -62,12 +66,12 @@ def test_search_with_a_good_penalty_model_needs_few_calls():
     penalty = [d * 2000 for d in drops]  # two predicted flips per point of drop on 1000 samples
     saved = list(range(length + 1))
     drop_at = Counter(drops)
-    assert _search(drop_at, penalty, saved, budget, 1 / 2000, 8, 0.0) == 123
+    assert verified_search(drop_at, penalty, saved, budget, 1 / 2000, 8, 0.0) == 123
     assert len(drop_at.calls) <= 3
     no_prior = Counter(drops)  # one bisection, then the measured ratio
-    assert _search(no_prior, penalty, saved, budget, None, 8, 0.0) == 123 and len(no_prior.calls) <= 3
+    assert verified_search(no_prior, penalty, saved, budget, None, 8, 0.0) == 123 and len(no_prior.calls) <= 3
     flat = Counter(drops)  # an uninformative penalty: plain bisection, not done after 8 calls
-    assert _search(flat, [0.0] * (length + 1), saved, budget, 1 / 2000, 8, 0.0) <= 123
+    assert verified_search(flat, [0.0] * (length + 1), saved, budget, 1 / 2000, 8, 0.0) <= 123
     assert len(flat.calls) == 8
 
 
@@ -76,7 +80,7 @@ def test_search_stops_when_little_is_left_to_gain():
     saved = [100.0 + 0.001 * p for p in range(101)]  # past the first steps, nothing more to gain
     saved[:5] = [0.0, 10.0, 50.0, 90.0, 99.0]
     drop_at = Counter(drops)
-    lo = _search(drop_at, [0.0] * 101, saved, 0.5, None, 10, 0.02)
+    lo = verified_search(drop_at, [0.0] * 101, saved, 0.5, None, 10, 0.02)
     assert lo == 4 and len(drop_at.calls) < 7
 
 
@@ -93,7 +97,7 @@ def random_tables(seed, sites=3, rows=20, bins=6):
 def test_penalty_increments_match_a_direct_computation(kind, seed, moves):
     tables = random_tables(seed)
     margins = torch.rand(20, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) * 3
-    penalty = _Flips(tables, margins, 0.1) if kind == "flips" else _Quadratic(tables)
+    penalty = FlipPenalty(tables, margins, 0.1) if kind == "flips" else QuadraticPenalty(tables)
 
     def direct(at):
         change = sum((tables[n].effect[:, t].double() for n, t in at.items()), torch.zeros(20, dtype=torch.float64))
@@ -141,21 +145,21 @@ def two_input_model():
 def test_batch_reader_rules(two_input_model):
     x, y, z = torch.randn(2, 8), torch.tensor([0, 1]), torch.randn(2, 5)
     one = nn.Linear(8, 3)
-    read = _batch_reader(one, None)
+    read = batch_reader(one, None)
     assert read(x)[0] is x and read((x, y))[0] is x and read([x, y])[0] is x
     assert read(((x,), y))[0] is x and len(read((x, y, z))) == 3
     with pytest.raises(ConfigError, match="batch_inputs"):
         read({"x": x})
-    read2 = _batch_reader(two_input_model, None)
+    read2 = batch_reader(two_input_model, None)
     assert [t is s for t, s in zip(read2(((x, z), y)), (x, z))] == [True, True]
     assert len(read2((x, z, y))) == 3  # three items: the positional inputs
     with pytest.raises(ConfigError, match=r"two inputs.*batch_inputs"):
         read2((x, z))
-    custom = _batch_reader(two_input_model, lambda b: (b["x"], b["z"]))
+    custom = batch_reader(two_input_model, lambda b: (b["x"], b["z"]))
     assert custom({"x": x, "z": z})[1] is z
-    assert _batch_reader(one, lambda b: b[1])((y, x))[0] is x
+    assert batch_reader(one, lambda b: b[1])((y, x))[0] is x
     with pytest.raises(ConfigError, match="callable"):
-        _batch_reader(one, "x")
+        batch_reader(one, "x")
 
 
 def test_calibrate_a_two_input_model(two_input_model):

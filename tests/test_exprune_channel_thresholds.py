@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxprune.errors import ConfigError
-from fxprune.exprune import ExPruneConfig
-from fxprune.exprune.calibrate import ChannelHarm, _drop, _log_h, _metric_value, calibrate
+from fxprune.exprune import ExPruneConfig, probe
+from fxprune.exprune.calibrate import calibrate
+from fxprune.exprune.calibrate.harm import ChannelHarm, log_expected_relu
+from fxprune.exprune.calibrate.search import metric_drop, metric_value
 from test_exprune_calibrate import accuracy_on, blobs, wrapped
 from test_exprune_ops import ConvChain, cached, hand_statistic, inject, randomize_bn, reference_relu, site_output
 
@@ -24,11 +26,15 @@ def test_each_channel_uses_its_own_threshold(seed, thresholds, dense):
     model, gm, rt = cached()
     x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))
     per_channel = [-math.inf if c in dense else t for c, t in enumerate(thresholds)]
+    op = gm.get_submodule("conv.exprune")
     rt.set_thresholds({"conv": per_channel})
+    rt.reset_stats()
     try:
-        out, stat, _ = site_output(gm, x, "conv")
+        with probe.recording([op]) as records:
+            gm(x)
     finally:
         rt.set_thresholds(-math.inf)
+    out, stat, full = records[id(op)]["out"].detach(), records[id(op)]["stat"], -records[id(op)]["delta"]
     m = hand_statistic(model, x, 4)
     t = torch.tensor(per_channel, dtype=torch.float64).view(1, -1, 1, 1)
     clear = (m - t).abs() > 1e-4
@@ -36,7 +42,12 @@ def test_each_channel_uses_its_own_threshold(seed, thresholds, dense):
     ref = reference_relu(model, x).detach()
     assert torch.all(out[predicted & clear] == 0)
     assert torch.allclose(out[~predicted & clear], ref[~predicted & clear], atol=1e-5, rtol=1e-5)
-    assert not predicted[:, sorted(dense)].any()
+    # the op's own decisions: an element it predicted outputs 0 instead of its full ReLU output
+    changed = out != full
+    by_rule = stat < torch.tensor(per_channel, dtype=torch.float32).view(1, -1, 1, 1)  # the op's precision
+    assert torch.equal(changed, by_rule & (full != 0))
+    assert op.stats()["predicted"] == int(by_rule.sum())
+    assert not changed[:, sorted(dense)].any() and torch.equal(out[:, sorted(dense)], full[:, sorted(dense)])
 
 
 def test_a_uniform_vector_equals_the_scalar_and_a_float_clears_it():
@@ -160,23 +171,24 @@ def test_channel_harm_weights_importance_and_savings_and_skips_unusable_channels
 
 def test_log_h_is_accurate_and_increasing_across_the_switch_to_its_tail():
     u = torch.linspace(-40, 10, 5001, dtype=torch.float64)
-    values = _log_h(u)
+    values = log_expected_relu(u)
     assert torch.all(values.diff() > 0) and torch.isfinite(values).all()
     near = torch.tensor([-20.0 - 1e-9, -20.0 + 1e-9], dtype=torch.float64)
-    assert abs(float(_log_h(near).diff())) < 1e-6
-    assert float(_log_h(torch.tensor([0.0], dtype=torch.float64))) == pytest.approx(math.log(1 / math.sqrt(2 * math.pi)))
+    assert abs(float(log_expected_relu(near).diff())) < 1e-6
+    at_zero = log_expected_relu(torch.tensor([0.0], dtype=torch.float64))
+    assert float(at_zero) == pytest.approx(math.log(1 / math.sqrt(2 * math.pi)))
 
 
 def test_per_sample_metric_counts_only_losses():
-    dense = _metric_value(torch.tensor([1.0, 1.0, 0.0, 0.0]), None)
-    assert _drop(dense, _metric_value(torch.tensor([0.0, 1.0, 1.0, 1.0]), dense)) == pytest.approx(0.25)
-    assert _drop(0.5, _metric_value(0.75, 0.5)) == pytest.approx(-0.25)  # a float metric: the net drop
+    dense = metric_value(torch.tensor([1.0, 1.0, 0.0, 0.0]), None)
+    assert metric_drop(dense, metric_value(torch.tensor([0.0, 1.0, 1.0, 1.0]), dense)) == pytest.approx(0.25)
+    assert metric_drop(0.5, metric_value(0.75, 0.5)) == pytest.approx(-0.25)  # a float metric: the net drop
     with pytest.raises(ConfigError, match=r"shape \(3,\); expected shape \(4,\)"):
-        _metric_value(torch.ones(3), dense)
+        metric_value(torch.ones(3), dense)
     with pytest.raises(ConfigError, match="per-sample scores for the dense model, then a float"):
-        _metric_value(0.5, dense)
+        metric_value(0.5, dense)
     with pytest.raises(ConfigError, match="float or a 1-D tensor"):
-        _metric_value("high", None)
+        metric_value("high", None)
 
 
 def test_calibrate_with_per_sample_scores_and_per_channel_results_round_trip():
