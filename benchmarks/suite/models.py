@@ -4,7 +4,7 @@ Every builder takes a ``width`` factor (1.0 = the published sizes; the quick var
 ones so that it runs in seconds) and returns a freshly initialised model (seeded by the caller).
 
 - ``resnet18`` / ``mobilenetv2_100``: timm models, one input channel, 10 classes; widths scale
-  the stage channels (resnet18) or timm's channel multiplier (mobilenetv2).
+  the stage channels (resnet18) or pick timm's nearest registered multiplier (mobilenetv2_035 ... _140).
 - ``vgg11_bn``: VGG-11 with batch norm in the style of the ExPrune paper's CIFAR code (3x3 convs,
   BN, ReLU, max pooling, one linear classifier); for 28x28 inputs the fifth pooling is left out
   and a global average pool feeds the classifier.
@@ -46,8 +46,10 @@ def build(name: str, width: float, *, num_classes: int = 10, vocab: int = 0, con
     if name == "mobilenetv2_100":
         import timm
 
-        return timm.create_model("mobilenetv2_100", pretrained=False, in_chans=1, num_classes=num_classes,
-                                 channel_multiplier=width)
+        # timm's registered multipliers; the nearest one to ``width``
+        multiplier = min((0.35, 0.5, 0.75, 1.0, 1.4), key=lambda m: abs(m - width))
+        return timm.create_model(f"mobilenetv2_{int(round(100 * multiplier)):03d}", pretrained=False, in_chans=1,
+                                 num_classes=num_classes)
     if name == "vgg11_bn":
         return VGG(width, num_classes)
     if name in GNNS:
@@ -111,6 +113,7 @@ class GNN(nn.Module):
                 GINConv(nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.BatchNorm1d(2 * hidden), nn.ReLU(),
                                       nn.Linear(2 * hidden, hidden))) for _ in range(layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(layers))
+        self.dropout = nn.Dropout(0.1)  # a module: fx would bake F.dropout(..., self.training) at trace time
         self.pool = MeanPool()
         self.head = nn.Linear(hidden, num_classes)
 
@@ -121,7 +124,7 @@ class GNN(nn.Module):
             h = norm(conv(h, edge_index))
             if i < last:  # OGB: no ReLU after the last layer
                 h = F.relu(h)
-            h = F.dropout(h, 0.1, self.training)
+            h = self.dropout(h)
         return self.head(self.pool(h, batch))
 
 
