@@ -25,8 +25,10 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(os.environ.get("FXPRUNE_BENCH_DATA", REPO / ".bench" / "data"))
@@ -66,6 +68,8 @@ def fashion_root() -> Path:
 
 def fashion_mnist() -> Splits:
     """Fashion-MNIST through torchvision's own loader (``download=False``)."""
+    import torch
+
     raw = fashion_root() / "FashionMNIST" / "raw"
     missing = [f for f in FASHION_FILES if not (raw / f).exists()]
     if missing:
@@ -113,6 +117,8 @@ def molecules() -> Splits:
 
 
 def _molecule_tensors() -> dict:
+    import torch
+
     try:
         from rdkit import Chem, RDLogger
     except ImportError as e:
@@ -182,6 +188,8 @@ def austen(context: int) -> Splits:
 
 
 def _austen_streams() -> dict:
+    import torch
+
     novels = austen_novels()
     chars = sorted(set("".join(novels.values())))
     lookup = {c: i for i, c in enumerate(chars)}
@@ -195,6 +203,8 @@ def _austen_streams() -> dict:
 
 def _cached(name: str, build) -> dict:
     """``build()``'s tensors, saved once under DATA_DIR/processed (parsing the sources takes ~20 s)."""
+    import torch
+
     path = DATA_DIR / "processed" / f"{name}-v1.pt"
     if path.exists():
         return torch.load(path, weights_only=True)

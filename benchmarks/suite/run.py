@@ -149,6 +149,7 @@ class Suite:
                 report.store(name, model, rows, self.results_dir)
                 body += lines
                 every += rows
+        self.rows[name] = every
         if name == "exprune":
             body = report.exprune_table(report.aggregate(every))
         if not every:
@@ -197,6 +198,12 @@ def _brief(model: str, rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> Suite:
+    """Run the sections asked for; the returned suite holds every row (``suite.rows[section]``)."""
     args = parse(argv)
     torch.set_num_threads(max(1, args.threads or _common.default_threads()))
     suite = Suite(args, argv)
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
         path = report.pareto_plot(model, suite.results_dir, suite.plots_dir)
         if path:
             log(f"plot: {path}")
-    return 0
+    return suite
 
 
 if __name__ == "__main__":
