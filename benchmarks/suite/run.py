@@ -145,6 +145,7 @@ class Suite:
         body, every = [], []
         for model in self.args.models:
             lines, rows = getattr(self, name)(model)
+            rows = [dict(r, model=model) for r in rows]
             if rows:
                 report.store(name, model, rows, self.results_dir)
                 body += lines
