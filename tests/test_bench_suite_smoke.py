@@ -20,7 +20,7 @@ def require_data() -> None:
 def test_quick_suite_writes_every_section(tmp_path):
     require_data()
     out = tmp_path / "BENCHMARKS.md"
-    suite = run(["--quick", "--out", str(out), "--threads", "2"])
+    suite = run(["--quick", "--out", str(out)])  # threads: 2, or 1 when the machine is busy
 
     methods = {name: {r["method"] for r in rows} for name, rows in suite.rows.items()}
     assert methods["weight"] == {"dense", "Hyperflux weight", "Hyperflux weight, paper controller", "global magnitude"}
