@@ -1,0 +1,4 @@
+"""``python -m benchmarks.suite``: see :mod:`benchmarks.suite.run`."""
+from .run import main
+
+raise SystemExit(main())

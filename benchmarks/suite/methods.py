@@ -1,0 +1,179 @@
+"""The pruning methods compared, each returning one result row (a dict) from a dense model.
+
+fxprune is used only through its public API (wrap, HyperfluxConfig, ExPruneConfig, calibrate,
+flops, export, model.fxprune.step/sparsity). Headline rows pass HyperfluxConfig only the target,
+the phase lengths and, for channel gates, ``granularity="channel", weight_by="macs"`` (the
+target is then a fraction of MACs, the unit the comparison is made in). Phases: the last 20 % of
+the fine-tuning steps are the regrowth phase (at least one step), for every method alike (the
+magnitude peer fine-tunes with its final mask over the same steps).
+
+Peers: gradual global magnitude pruning with ``torch.nn.utils.prune.global_unstructured``
+(L1, the cubic schedule of Zhu & Gupta 2017 over the pruning steps, 100 updates, one global
+threshold over the same conv/linear weights); Torch-Pruning (group magnitude or Taylor
+importance, its default per-layer uniform ratio, classifier kept), one-shot to the MACs target
+(ratio found by bisection on its MAC count) and fine-tuned with the same budget.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import fxprune
+
+from . import models
+from .tasks import Task
+
+REGROWTH_FRACTION = 0.2
+PAPER_CONTROLLER = dict(lookahead=False, exact_target=False)
+
+
+def phases(task: Task, epochs: int) -> tuple[int, int]:
+    total = epochs * task.steps_per_epoch()
+    regrowth = max(1, int(REGROWTH_FRACTION * total))
+    return total - regrowth, regrowth
+
+
+def leaves(task: Task) -> list[type]:
+    return [models.MeanPool] if task.kind == "graph" else []
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, "weight") of every conv and linear layer (PyG's Linear included): what Hyperflux gates."""
+    from torch_geometric.nn.dense.linear import Linear as PygLinear
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Linear, PygLinear)
+    return [(m, "weight") for m in model.modules() if isinstance(m, kinds) and isinstance(m.weight, torch.Tensor)]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    ws = [getattr(m, n) for m, n in prunable_weights(model)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def measure(task: Task, model: nn.Module, method: str, *, latency: bool = False, **extra) -> dict:
+    """accuracy (test), MACs per sample (effective: zeros and ExPrune's skipped work not counted),
+    parameters, optionally CPU latency at batch 1 and 64 (median, ms)."""
+    from benchmarks._common import median_time
+
+    model.eval()
+    inputs = task.example_inputs(batch=64)
+    samples = len(inputs[0]) if task.kind != "graph" else int(inputs[2].max()) + 1
+    report = fxprune.flops(model, inputs)
+    row = {"method": method, "accuracy": task.accuracy(model, task.test), "macs": report.effective / samples,
+           "dense_macs": report.dense / samples, "params": sum(p.numel() for p in model.parameters()),
+           "sparsity": weight_sparsity(model), **extra}
+    if latency:
+        one = task.example_inputs(batch=1)
+        with torch.no_grad():
+            row["latency_b1"] = 1e3 * median_time(lambda: model(*one), repeats=task.sizes.extra.get("repeats", 20))
+            row["latency_b64"] = 1e3 * median_time(lambda: model(*inputs), repeats=max(3, task.sizes.extra.get("repeats", 20) // 4))
+    return row
+
+
+# -- Hyperflux -------------------------------------------------------------------------------------
+
+def hyperflux(task: Task, dense: nn.Module, target: float, epochs: int, seed: int, *, paper: bool = False,
+              channel: bool = False) -> dict:
+    pruning, regrowth = phases(task, epochs)
+    extra = dict(PAPER_CONTROLLER) if paper else {}
+    if channel:
+        extra.update(granularity="channel", weight_by="macs")
+    config = fxprune.HyperfluxConfig(target, pruning_steps=pruning, regrowth_steps=regrowth, **extra)
+    model = fxprune.wrap(task.copy_of(dense).train(), task.example_inputs(), hyperflux=config,
+                         leaf_modules=leaves(task))
+    seconds = task.fit(model, epochs, dense=False, seed=seed + 1, after_step=model.fxprune.step)
+    reached = model.fxprune.sparsity()
+    plain = fxprune.export(model).eval()
+    name = ("Hyperflux channel + export" if channel else "Hyperflux weight") + (", paper controller" if paper else "")
+    return measure(task, plain, name, latency=channel, target=target, epochs=epochs, reached=reached,
+                   seconds=seconds, seed=seed)
+
+
+# -- gradual global magnitude ---------------------------------------------------------------------
+
+def magnitude(task: Task, dense: nn.Module, target: float, epochs: int, seed: int) -> dict:
+    model = task.copy_of(dense).train()
+    params = prunable_weights(model)
+    total = sum(getattr(m, n).numel() for m, n in params)
+    pruning, _ = phases(task, epochs)
+    interval = max(1, pruning // 100)
+    state = {"step": 0, "pruned": 0}
+
+    def after_step():
+        state["step"] += 1
+        t = state["step"]
+        if t <= pruning and (t % interval == 0 or t == pruning):
+            goal = int(round(total * target * (1 - (1 - t / pruning) ** 3)))
+            if goal > state["pruned"]:  # the amount is counted among the weights not yet pruned
+                prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=goal - state["pruned"])
+                state["pruned"] = goal
+
+    seconds = task.fit(model, epochs, dense=False, seed=seed + 1, after_step=after_step)
+    for m, n in params:
+        if prune.is_pruned(m) and hasattr(m, f"{n}_orig"):
+            prune.remove(m, n)
+    return measure(task, model, "global magnitude", target=target, epochs=epochs, reached=weight_sparsity(model),
+                   seconds=seconds, seed=seed)
+
+
+# -- Torch-Pruning ----------------------------------------------------------------------------------
+
+def torch_pruning(task: Task, dense: nn.Module, macs_removed: float, epochs: int, seed: int, importance: str) -> dict:
+    import torch_pruning as tp
+
+    example = task.example_inputs()
+    base_macs, _ = tp.utils.count_ops_and_params(dense, example)
+
+    def pruned(ratio: float) -> nn.Module:
+        model = task.copy_of(dense).eval()
+        imp = tp.importance.TaylorImportance() if importance == "Taylor" else tp.importance.MagnitudeImportance(p=2)
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=[head])
+        if importance == "Taylor":
+            model.train()
+            for i, (inputs, target) in enumerate(task.batches(task.train, batch=task.batch)):
+                task.loss(model, inputs, target).backward()
+                if i >= 3:
+                    break
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        return model
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):  # bisection on the uniform channel ratio until the MACs are within 1 % of the goal
+        mid = (lo + hi) / 2
+        model = pruned(mid)
+        removed = 1 - tp.utils.count_ops_and_params(model, example)[0] / base_macs
+        best = model
+        if abs(removed - macs_removed) < 0.01:
+            break
+        lo, hi = (mid, hi) if removed < macs_removed else (lo, mid)
+    seconds = task.fit(best, epochs, dense=False, seed=seed + 1)
+    return measure(task, best, f"Torch-Pruning {importance}", latency=True, target=macs_removed, epochs=epochs,
+                   seconds=seconds, seed=seed)
+
+
+# -- ExPrune ------------------------------------------------------------------------------------------
+
+def exprune(task: Task, dense: nn.Module, max_drop: float, seed: int) -> dict:
+    """ExPrune (default config) calibrated on the development split with per-sample correctness;
+    the held-out drop and the MACs saved are measured on the test split."""
+    model = fxprune.wrap(task.copy_of(dense).eval(), task.example_inputs(), exprune=fxprune.ExPruneConfig(),
+                         leaf_modules=leaves(task))
+    cal = list(task.batches(task.dev))
+    t0 = time.perf_counter()
+    fxprune.calibrate(model, cal, lambda m: task.correct(m, task.dev), max_drop, progress=False, seed=seed)
+    seconds = time.perf_counter() - t0
+    dense_acc = task.accuracy(dense, task.test)
+    dense_macs = effective = 0.0
+    for inputs, _ in task.batches(task.test, batch=256):
+        report = fxprune.flops(model, inputs)
+        dense_macs += report.dense
+        effective += report.effective
+    acc = task.accuracy(model, task.test)
+    return {"method": "ExPrune + calibrate", "max_drop": max_drop, "accuracy": acc, "dense_accuracy": dense_acc,
+            "drop": dense_acc - acc, "saved": 1 - effective / dense_macs, "seconds": seconds, "seed": seed,
+            "macs": effective / task.size(task.test), "dense_macs": dense_macs / task.size(task.test)}
