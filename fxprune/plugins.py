@@ -110,6 +110,13 @@ def _integration_of(value: Any, origin: str) -> Integration:
     return value
 
 
+def reload_integrations() -> None:
+    """Forget the loaded built-in and entry-point integrations: the next :func:`integrations` call
+    looks for them again (after installing a library or a distribution at run time)."""
+    global _LOADED
+    _LOADED = None
+
+
 def integrations() -> tuple[Integration, ...]:
     """Every active integration: built-in (library installed), entry points, then registered."""
     global _LOADED

@@ -69,7 +69,7 @@ class RuleTable:
 # the core's built-in rules.
 _USER_RULES = RuleTable()
 _BUILTIN_RULES = RuleTable()
-_integration_rules: tuple[tuple[int, ...], RuleTable] = ((), RuleTable())
+_integration_rules: tuple[tuple, RuleTable] = ((), RuleTable())  # (the integrations it was built from, table)
 
 
 def register_rule(op: OpKey, rule: RuleFn | None = None):
@@ -95,13 +95,12 @@ def unregister_rule(op: OpKey) -> None:
 def _tables() -> tuple[RuleTable, RuleTable, RuleTable]:
     """(user, integrations, built-in) tables; the integrations' table is rebuilt when they change."""
     global _integration_rules
-    active = plugins.integrations()
-    ids = tuple(map(id, active))
-    if ids != _integration_rules[0]:
+    active, (built_from, _) = plugins.integrations(), _integration_rules
+    if len(active) != len(built_from) or any(a is not b for a, b in zip(active, built_from)):
         merged: dict = {}
         for integration in active:  # a later integration overrides an earlier one for the same op
             merged.update(integration.rules)
-        _integration_rules = (ids, RuleTable(merged))
+        _integration_rules = (active, RuleTable(merged))
     return _USER_RULES, _integration_rules[1], _BUILTIN_RULES
 
 
