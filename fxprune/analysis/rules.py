@@ -12,6 +12,9 @@ tables, in this order: the user's (:func:`register_rule`), the integrations' (``
 see :mod:`fxprune.plugins`), the core's built-in rules (the end of this file). A node with no rule
 breaks every axis it touches, with the op named in the reason; the analysis never crashes on an
 unknown op.
+
+(Over 400 lines: the rule context, the generic rules and the built-in table are read together when
+adding a rule; splitting them would spread one concept over several files.)
 """
 from __future__ import annotations
 
