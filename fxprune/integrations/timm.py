@@ -72,7 +72,7 @@ def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
 
 
 def reset_eval_caches(model: nn.Module) -> None:
-    """Capture hook: empty timm's eval-time caches before tracing.
+    """Empty timm's eval-time caches; the integration's leaf policy does it before every capture.
 
     LeViT, EfficientFormer(V2), EfficientViT (MSRA) and friends cache their attention biases per
     device in eval mode (``attention_bias_cache``). A symbolic trace stores a Proxy there (keyed by
