@@ -4,9 +4,9 @@ The first stage of fxprune's pipeline. Output: an ``fx.GraphModule`` whose nodes
 ``node.meta["tensor_meta"]`` (torch.fx's ShapeProp) and ``node.meta["nn_module_stack"]``.
 
 Leaf policy: a module is called as a black box (one ``call_module`` node) when torch.fx would
-(modules of ``torch.nn``), when its type is registered with :func:`register_leaf_module`, when a
-capture hook says so (timm's own FX leaf registry, PyG's MessagePassing: see
-``fxprune.integrations``), or when it is passed in ``leaf_modules``.
+(modules of ``torch.nn``), when its type is registered with :func:`register_leaf_module`, when an
+integration's ``leaf_policy`` says so (timm's own FX leaf registry, PyG's MessagePassing: see
+:mod:`fxprune.plugins`), or when it is passed in ``leaf_modules``.
 """
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from torch.fx._symbolic_trace import _assert_is_none
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import plugins
 from .errors import NameClashError, ShapeError, TraceError
 
 
 @dataclass
 class LeafPolicy:
-    """What a capture hook contributes: module types traced as leaves, functions kept opaque."""
+    """What an integration's ``leaf_policy`` contributes: module types (or predicates) traced as
+    leaves, functions kept opaque (torch.fx autowrap)."""
 
     leaf_types: set[type] = field(default_factory=set)
     autowrap_functions: set[Callable] = field(default_factory=set)
@@ -35,7 +37,6 @@ class LeafPolicy:
 
 
 _LEAF_TYPES: set[type] = set()
-_CAPTURE_HOOKS: list[Callable[[nn.Module], LeafPolicy | None]] = []
 
 
 def register_leaf_module(module_type: type) -> type:
@@ -50,19 +51,11 @@ def register_leaf_module(module_type: type) -> type:
     return module_type
 
 
-def register_capture_hook(hook: Callable[[nn.Module], LeafPolicy | None]) -> Callable:
-    """Add a hook ``hook(model) -> LeafPolicy | None`` consulted on every capture (integrations)."""
-    if hook not in _CAPTURE_HOOKS:
-        _CAPTURE_HOOKS.append(hook)
-    return hook
-
-
 def _collect_policy(model: nn.Module, leaf_modules: Iterable[type]) -> LeafPolicy:
-    from . import integrations  # noqa: F401  (registers the timm / PyG hooks when installed)
-
+    """The registered leaf types and ``leaf_modules``, plus what each integration's policy adds."""
     policy = LeafPolicy(leaf_types=set(_LEAF_TYPES) | set(leaf_modules))
-    for hook in _CAPTURE_HOOKS:
-        extra = hook(model)
+    for integration in plugins.integrations():
+        extra = integration.leaf_policy(model) if integration.leaf_policy is not None else None
         if extra is not None:
             policy.leaf_types |= extra.leaf_types
             policy.autowrap_functions |= extra.autowrap_functions

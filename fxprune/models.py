@@ -115,11 +115,18 @@ def _build_timm(name: str) -> nn.Module:
 
 
 def _default_image_shape(model: nn.Module, spec: str) -> tuple[int, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if not size:
+    """Shape of the one-item example batch an integration makes for the model (timm: its
+    ``pretrained_cfg["input_size"]``)."""
+    from .errors import ShapeError
+    from .wrap import default_example_inputs
+
+    try:
+        inputs = default_example_inputs(model, batch=1)
+    except ShapeError:
+        inputs = ()
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
         raise ModelSpecError(f"'{spec}': --input-shape is required (e.g. --input-shape 1,3,224,224)")
-    return (1, *size)
+    return tuple(inputs[0].shape)
 
 
 def _build_pyg(name: str, input_shapes: Sequence[Sequence[int]]) -> tuple[nn.Module, tuple]:

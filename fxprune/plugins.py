@@ -37,9 +37,11 @@ class Integration:
 
     Attributes:
         name: short name ("timm", "pyg").
-        leaf_policy: ``leaf_policy(model) -> LeafPolicy | None``, consulted on every capture.
+        leaf_policy: ``leaf_policy(model) -> fxprune.capture.LeafPolicy | None``, consulted on
+            every capture before tracing (it may also reset state the trace must not see).
         rules: op (module type, function or method name) -> axis rule, consulted by the analysis
-            after the user's ``register_rule`` entries and before the core's built-in rules.
+            after the user's ``register_rule`` entries and before the core's built-in rules
+            (``fxprune.analysis.rules.rule_for``).
         site_finders: ``finder(gm, spaces) -> (sites, rejected)``: ExPrune sites inside the
             library's leaf modules.
         site_injectors: ``Site.op`` kind -> ``injector(gm, site, modules, config)``: how to inject
@@ -48,9 +50,11 @@ class Integration:
         gate_filter: ``gate_filter(targets) -> predicate | None``: the default choice of gated
             weights for the library's models (None: no opinion, the next integration or the core
             decides).
-        compile_options: ``compile_options(model) -> dict`` of ``torch.compile`` options.
-        example_inputs: ``example_inputs(model) -> tuple | None``: a default example batch for
-            ``wrap``/``analyze`` when the user gives none.
+        compile_options: ``compile_options(model) -> dict`` of ``torch.compile`` options for
+            ``wrap(compile=...)``; the user's options win.
+        example_inputs: ``example_inputs(model, batch) -> tuple | None``: a default example batch
+            of ``batch`` items for ``wrap`` when the user gives none (None: not one of this
+            library's models, or no known input size).
     """
 
     name: str
@@ -104,6 +108,13 @@ def _integration_of(value: Any, origin: str) -> Integration:
     if not isinstance(value, Integration):
         raise TypeError(f"{origin} does not provide an fxprune.plugins.Integration (got {type(value).__name__})")
     return value
+
+
+def reload_integrations() -> None:
+    """Forget the loaded built-in and entry-point integrations: the next :func:`integrations` call
+    looks for them again (after installing a library or a distribution at run time)."""
+    global _LOADED
+    _LOADED = None
 
 
 def integrations() -> tuple[Integration, ...]:

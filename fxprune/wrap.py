@@ -4,43 +4,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from . import plugins
 from .analysis import analyze
 from .capture import check_names, normalize_inputs
 from .errors import ConfigError, ShapeError, WrapError
 from .runtime import Controller, WrappedModule, is_wrapped
 
 
-# hooks(model) -> torch.compile options a library recommends (PyG: dynamic shapes); user options win
-COMPILE_OPTION_HOOKS: list[Callable[[nn.Module], dict]] = []
-
-
-def register_compile_options(hook: Callable[[nn.Module], dict]) -> Callable:
-    """Add ``hook(model) -> dict`` of ``torch.compile`` options for ``wrap(compile=True)`` (integrations)."""
-    if hook not in COMPILE_OPTION_HOOKS:
-        COMPILE_OPTION_HOOKS.append(hook)
-    return hook
-
-
 def default_example_inputs(model: nn.Module, batch: int = 2) -> tuple:
-    """Example inputs from a timm model's ``pretrained_cfg["input_size"]`` (C, H, W)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if not size:
-        raise ShapeError(
-            f"{type(model).__name__}: example_inputs are required (fxprune propagates shapes with one "
-            f"example batch), e.g. fxprune.wrap(model, torch.randn(2, 3, 224, 224))"
-        )
-    try:
-        param = next(model.parameters())
-        device, dtype = param.device, param.dtype
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.float32
-    return (torch.randn(batch, *size, device=device, dtype=dtype),)
+    """Example inputs for a model given none: the first integration that knows the model makes
+    them (timm: a random batch at the model's ``pretrained_cfg["input_size"]``). Raises
+    :class:`ShapeError` when none does."""
+    for integration in plugins.integrations():
+        inputs = integration.example_inputs(model, batch) if integration.example_inputs is not None else None
+        if inputs is not None:
+            return normalize_inputs(inputs)
+    raise ShapeError(
+        f"{type(model).__name__}: example_inputs are required (fxprune propagates shapes with one "
+        f"example batch), e.g. fxprune.wrap(model, torch.randn(2, 3, 224, 224))"
+    )
 
 
 def wrap(
@@ -57,8 +44,9 @@ def wrap(
 
     Args:
         model: the user's model; it is deep-copied and never modified.
-        example_inputs: one example batch (tensor or tuple of positional inputs). For timm models
-            it defaults to a random batch of the model's ``pretrained_cfg["input_size"]``.
+        example_inputs: one example batch (tensor or tuple of positional inputs). By default an
+            integration makes one (:func:`default_example_inputs`; timm: a random batch of the
+            model's ``pretrained_cfg["input_size"]``).
         hyperflux: a :class:`fxprune.HyperfluxConfig` (training-time pruning) or None.
         exprune: a :class:`fxprune.ExPruneConfig` (per-input dynamic pruning) or None.
         compile: True or a dict of ``torch.compile`` options (Inductor by default); options that
@@ -172,9 +160,9 @@ def _flat_tensors(value) -> list[torch.Tensor]:
 
 
 def _library_compile_options(model: nn.Module) -> dict:
-    from . import integrations  # noqa: F401  (registers the hooks of the installed libraries)
-
+    """``torch.compile`` options the integrations recommend for ``model`` (the first one wins)."""
     options: dict = {}
-    for hook in COMPILE_OPTION_HOOKS:
-        options.update({k: v for k, v in hook(model).items() if k not in options})
+    for integration in plugins.integrations():
+        if integration.compile_options is not None:
+            options.update({k: v for k, v in integration.compile_options(model).items() if k not in options})
     return options

@@ -8,7 +8,7 @@ from hypothesis import given
 from torch import nn
 
 import fxprune
-from fxprune.analysis.rules import FUNCTION_RULES
+from fxprune.analysis.rules import unregister_rule
 from permutation import assert_no_io_space, check_exchangeable_spaces
 from model_gen import conv_dags, mlps
 
@@ -146,7 +146,7 @@ def test_register_rule_makes_custom_op_transparent():
         after = fxprune.analyze(M().eval(), torch.randn(2, 3))
         assert after.spaces_of("l1.weight", 0)[0].exchangeable
     finally:
-        FUNCTION_RULES.pop(my_scale)
+        unregister_rule(my_scale)
 
 
 def test_grouped_conv_is_named_and_depthwise_is_exchangeable():

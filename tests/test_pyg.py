@@ -3,13 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-pyg_nn = pytest.importorskip("torch_geometric.nn")
-
-import fxprune  # noqa: E402
-from fxprune.integrations import pyg  # noqa: E402
-from permutation import assert_no_io_space, check_exchangeable_spaces, randomize_  # noqa: E402
-from torch_geometric.nn import EdgeConv, GATConv, GCNConv, GINConv, GraphConv, SAGEConv  # noqa: E402
-from torch_geometric.nn.models import GAT, GCN, GIN, MLP, EdgeCNN, GraphSAGE  # noqa: E402
+import fxprune
+from fxprune.integrations import pyg
+from permutation import assert_no_io_space, check_exchangeable_spaces, randomize_
+from torch_geometric.nn import EdgeConv, GATConv, GCNConv, GINConv, GraphConv, SAGEConv
+from torch_geometric.nn.models import GAT, GCN, GIN, MLP, EdgeCNN, GraphSAGE
 
 
 def graph(nodes: int = 24, features: int = 8, edges: int = 80, seed: int = 0):

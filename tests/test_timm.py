@@ -1,14 +1,13 @@
 """timm integration: the permutation property on real models, rules for timm's fused leaves, create_model."""
 import pytest
+import timm
 import torch
 from torch import nn
 
-timm = pytest.importorskip("timm")
-
-import fxprune  # noqa: E402
-from fxprune.integrations import timm as fx_timm  # noqa: E402
-from permutation import assert_no_io_space, find_broken_spaces, randomize_  # noqa: E402
-from timm.layers import BatchNormAct2d, ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
+import fxprune
+from fxprune.integrations import timm as fx_timm
+from permutation import assert_no_io_space, find_broken_spaces, randomize_
+from timm.layers import BatchNormAct2d, ScaledStdConv2d, StdConv2d, StdConv2dSame
 
 
 def _real(name: str, size: int, **kwargs):

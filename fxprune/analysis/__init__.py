@@ -133,9 +133,26 @@ class Analysis:
         return json.dumps(self.to_dict(), **kw)
 
 
+def _bridge_integrations() -> None:
+    """TEMPORARY (branch wt-h3 only; drop when H1's finders consult fxprune.plugins.integrations()):
+    hand the integrations' site finders, gate finders and site injectors to the registries the
+    analysis and the ExPrune pass still read."""
+    from .. import plugins
+    from ..exprune.inject import register_site_injector
+
+    for integration in plugins.integrations():
+        for finder in integration.site_finders:
+            register_site_finder(finder)
+        for finder in integration.gate_finders:
+            register_gate_finder(finder)
+        for op, injector in integration.site_injectors.items():
+            register_site_injector(op, injector)
+
+
 def analyze_graph(gm: fx.GraphModule, input_shapes: list[list[int]] | None = None, model_name: str = "") -> Analysis:
     """Analyze an already captured GraphModule (shapes propagated). Annotates ``node.meta``."""
     t0 = time.perf_counter()
+    _bridge_integrations()
     builder = SpaceBuilder(gm)
     builder.build()
     spaces = builder.solve()

@@ -6,16 +6,21 @@ which axes the op treats position-specifically (``ctx.breaks``: the space contai
 exchangeable), and which it reduces across (``ctx.reduces``: exchangeable, but removing a channel
 changes the others, so not prunable).
 
-Rules are kept in one registry keyed by op: a module type (looked up along the MRO), a function
-object (``call_function`` target) or a method name (``call_method``). Users extend it with
-:func:`register_rule`. A node with no rule breaks every axis it touches, with the op named in the
-reason; the analysis never crashes on an unknown op.
+Rules are keyed by op: a module type (looked up along the MRO), a function object
+(``call_function`` target) or a method name (``call_method``). :func:`rule_for` looks in three
+tables, in this order: the user's (:func:`register_rule`), the integrations' (``Integration.rules``,
+see :mod:`fxprune.plugins`), the core's built-in rules (the end of this file). A node with no rule
+breaks every axis it touches, with the op named in the reason; the analysis never crashes on an
+unknown op.
+
+(Over 400 lines: the rule context, the generic rules and the built-in table are read together when
+adding a rule; splitting them would spread one concept over several files.)
 """
 from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,33 +28,101 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .. import plugins
+
 RuleFn = Callable[["RuleContext"], None]
 OpKey = Union[type, Callable, str]
 
-MODULE_RULES: dict[type, RuleFn] = {}
-FUNCTION_RULES: dict[Callable, RuleFn] = {}
-METHOD_RULES: dict[str, RuleFn] = {}
+
+class RuleTable:
+    """Rules keyed by op: module types (looked up along the MRO), functions, method names."""
+
+    def __init__(self, rules: Mapping[OpKey, RuleFn] | None = None) -> None:
+        self.modules: dict[type, RuleFn] = {}
+        self.functions: dict[Callable, RuleFn] = {}
+        self.methods: dict[str, RuleFn] = {}
+        for op, rule in (rules or {}).items():
+            self.add(op, rule)
+
+    def _table_of(self, op: OpKey) -> dict:
+        if isinstance(op, str):
+            return self.methods
+        if isinstance(op, type) and issubclass(op, nn.Module):
+            return self.modules
+        if callable(op):
+            return self.functions
+        raise TypeError(f"register_rule: op must be a module type, a function or a method name, got {op!r}")
+
+    def add(self, op: OpKey, rule: RuleFn) -> None:
+        self._table_of(op)[op] = rule
+
+    def remove(self, op: OpKey) -> None:
+        self._table_of(op).pop(op, None)
+
+    def get(self, op: OpKey) -> RuleFn | None:
+        """The rule stored for exactly ``op`` (a module type: this class, not its bases), or None."""
+        try:
+            return self._table_of(op).get(op)
+        except TypeError:  # unhashable function object, or not an op at all
+            return None
+
+
+# Lookup order (first hit wins; a module type is looked up along its MRO, most derived class first,
+# and each class in all three tables): the user's register_rule entries, the integrations' rules,
+# the core's built-in rules.
+_USER_RULES = RuleTable()
+_BUILTIN_RULES = RuleTable()
+_integration_rules: tuple[tuple, RuleTable] = ((), RuleTable())  # (the integrations it was built from, table)
 
 
 def register_rule(op: OpKey, rule: RuleFn | None = None):
     """Register ``rule`` for ``op`` (module type, function, or method name as a string).
 
     Usable as ``register_rule(MyModule, my_rule)`` or as a decorator ``@register_rule(MyModule)``.
-    A later registration for the same op replaces the earlier one.
+    A later registration for the same op replaces the earlier one; for the same op, a registered
+    rule takes precedence over the rules of integrations and of the core.
     """
 
     def _register(fn: RuleFn) -> RuleFn:
-        if isinstance(op, str):
-            METHOD_RULES[op] = fn
-        elif isinstance(op, type) and issubclass(op, nn.Module):
-            MODULE_RULES[op] = fn
-        elif callable(op):
-            FUNCTION_RULES[op] = fn
-        else:
-            raise TypeError(f"register_rule: op must be a module type, a function or a method name, got {op!r}")
+        _USER_RULES.add(op, fn)
         return fn
 
     return _register(rule) if rule is not None else _register
+
+
+def unregister_rule(op: OpKey) -> None:
+    """Remove the rule :func:`register_rule` set for ``op`` (integrations' and core rules stay)."""
+    _USER_RULES.remove(op)
+
+
+def _tables() -> tuple[RuleTable, RuleTable, RuleTable]:
+    """(user, integrations, built-in) tables; the integrations' table is rebuilt when they change."""
+    global _integration_rules
+    active, (built_from, _) = plugins.integrations(), _integration_rules
+    if len(active) != len(built_from) or any(a is not b for a, b in zip(active, built_from)):
+        merged: dict = {}
+        for integration in active:  # a later integration overrides an earlier one for the same op
+            merged.update(integration.rules)
+        _integration_rules = (active, RuleTable(merged))
+    return _USER_RULES, _integration_rules[1], _BUILTIN_RULES
+
+
+def rule_for(op: OpKey) -> RuleFn | None:
+    """The axis rule the analysis applies to ``op`` (a module type, a function or a method name),
+    or None. Integrations compose their rules with it."""
+    tables = _tables()
+    for key in (op.__mro__ if isinstance(op, type) and issubclass(op, nn.Module) else (op,)):
+        for table in tables:
+            rule = table.get(key)
+            if rule is not None:
+                return rule
+    return None
+
+
+def is_elementwise(module: nn.Module) -> bool:
+    """True when ``module``'s rule is :func:`first_arg_identity` (activations, dropout, Identity...):
+    it keeps every axis of its input, channel by channel."""
+    return rule_for(type(module)) is first_arg_identity
 
 
 def op_description(node: fx.Node, module: nn.Module | None = None) -> str:
@@ -66,26 +139,24 @@ def op_description(node: fx.Node, module: nn.Module | None = None) -> str:
 
 
 def lookup_rule(node: fx.Node, module: nn.Module | None) -> RuleFn | None:
-    """The registered rule for a node, or None."""
+    """The rule for a node (looked up as :func:`rule_for` says), or None."""
     if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in MODULE_RULES:
-                return MODULE_RULES[cls]
-        return None
-    if node.op == "call_function":
-        try:
-            return FUNCTION_RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target)
+        return rule_for(type(module))
+    if node.op in ("call_function", "call_method"):
+        return rule_for(node.target)
     return None
 
 
 class RuleContext:
-    """What a rule sees of one node: its arguments' axes, its output axes, its parameters' axes.
+    """What a rule sees of one node, and how it states what the node does to channels.
 
-    Axes are integer ids into the analysis' axis table; ``None`` stands for a non-tensor value.
+    Axes are integer ids into the analysis' axis table; ``None`` stands for a non-tensor value,
+    and every stating method ignores ``None`` axes. Public attributes: ``node`` (the fx node),
+    ``module`` (the called module of a ``call_module`` node, else None), ``description`` (the op
+    as named in reasons). Reading: :meth:`arg`, :meth:`axes_of`, :meth:`in_axes`,
+    :meth:`tensor_args`, :attr:`out`, :attr:`out_items`, :meth:`param`, :meth:`size`,
+    :meth:`shape`. Stating: :meth:`same`, :meth:`link`, :meth:`breaks`, :meth:`reduces`,
+    :meth:`break_all`. Axes a leaf has inside (a hidden layer): :meth:`new_axis`.
     """
 
     def __init__(self, builder, node: fx.Node, module: nn.Module | None):
@@ -112,6 +183,7 @@ class RuleContext:
         return None
 
     def in_axes(self, pos: int, name: str | None = None) -> list[int] | None:
+        """Axis ids of argument ``pos`` (or keyword ``name``) when it is one tensor, else None."""
         return self.axes_of(self.arg(pos, name))
 
     def tensor_args(self) -> list[list[int]]:
@@ -127,6 +199,7 @@ class RuleContext:
 
     @property
     def out(self) -> list[int] | None:
+        """Axis ids of the node's output when it is one tensor, else None."""
         axes = self._b.node_axes.get(self.node)
         if axes is not None and (not axes or isinstance(axes[0], int)):
             return axes
@@ -143,14 +216,24 @@ class RuleContext:
         return self._b.param_axes(f"{self.node.target}.{name}" if self.node.target else name)
 
     def size(self, axis: int) -> int:
+        """Number of elements (channels) of ``axis``."""
         return self._b.table.sizes[axis]
 
     def shape(self, value: Any) -> tuple[int, ...] | None:
+        """Shape recorded by shape propagation for an fx value, else None."""
         if isinstance(value, fx.Node):
             tm = value.meta.get("tensor_meta")
             if tm is not None and hasattr(tm, "shape"):
                 return tuple(tm.shape)
         return None
+
+    def new_axis(self, size: int, label: str, dim: int = 1) -> int:
+        """A new axis of ``size`` elements for a tensor computed inside this node's op (a hidden
+        layer inside a leaf module, a per-head projection). It belongs to a pseudo tensor named
+        ``<node>.<label>`` (axis ``dim`` of it), so a space it reaches lists it among its tensors
+        like any graph value. Link it to parameters and to the op's inputs and outputs with
+        :meth:`same` / :meth:`link`."""
+        return self._b.table.new_axis(size, ("node", f"{self.node.name}.{label}", dim))
 
     # -- stating -------------------------------------------------------------------------
     def same(self, a: int | None, b: int | None) -> None:
@@ -179,6 +262,7 @@ class RuleContext:
                 self._b.table.mark(a, None, reason, "reduce")
 
     def break_all(self, reason: str) -> None:
+        """Break every axis of every tensor argument and of the output (the op is not understood)."""
         for axes in self.tensor_args():
             self.breaks(axes, reason)
         if self.out is not None:
@@ -823,30 +907,30 @@ _UNARY_MODULES = [
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Threshold,
 ]
 for _m in _UNARY_MODULES:
-    register_rule(_m, first_arg_identity)
+    _BUILTIN_RULES.add(_m, first_arg_identity)
 for _m in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_rule(_m, conv_module_rule)
-register_rule(nn.Linear, linear_module_rule)
+    _BUILTIN_RULES.add(_m, conv_module_rule)
+_BUILTIN_RULES.add(nn.Linear, linear_module_rule)
 for _m in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-    register_rule(_m, batchnorm_module_rule)
-register_rule(nn.LayerNorm, layernorm_module_rule)
+    _BUILTIN_RULES.add(_m, batchnorm_module_rule)
+_BUILTIN_RULES.add(nn.LayerNorm, layernorm_module_rule)
 if hasattr(nn, "RMSNorm"):
-    register_rule(nn.RMSNorm, layernorm_module_rule)
-register_rule(nn.GroupNorm, groupnorm_module_rule)
-register_rule(nn.PReLU, prelu_module_rule)
-register_rule(nn.Embedding, embedding_module_rule)
-register_rule(nn.Flatten, view_module_rule)
-register_rule(nn.Unflatten, view_module_rule)
-register_rule(nn.Softmax, lambda ctx: _softmax_module(ctx))
-register_rule(nn.LogSoftmax, lambda ctx: _softmax_module(ctx))
+    _BUILTIN_RULES.add(nn.RMSNorm, layernorm_module_rule)
+_BUILTIN_RULES.add(nn.GroupNorm, groupnorm_module_rule)
+_BUILTIN_RULES.add(nn.PReLU, prelu_module_rule)
+_BUILTIN_RULES.add(nn.Embedding, embedding_module_rule)
+_BUILTIN_RULES.add(nn.Flatten, view_module_rule)
+_BUILTIN_RULES.add(nn.Unflatten, view_module_rule)
+_BUILTIN_RULES.add(nn.Softmax, lambda ctx: _softmax_module(ctx))
+_BUILTIN_RULES.add(nn.LogSoftmax, lambda ctx: _softmax_module(ctx))
 for _m in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
            nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
-    register_rule(_m, spatial_op())
+    _BUILTIN_RULES.add(_m, spatial_op())
 for _m in (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
            nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d):
-    register_rule(_m, lambda ctx: _pad_module(ctx))
+    _BUILTIN_RULES.add(_m, lambda ctx: _pad_module(ctx))
 
 
 def _softmax_module(ctx: RuleContext) -> None:
@@ -874,7 +958,7 @@ _ELEMENTWISE_FUNCTIONS = [
     torch.addcmul, torch.addcdiv,
 ]
 for _f in _ELEMENTWISE_FUNCTIONS:
-    register_rule(_f, elementwise)
+    _BUILTIN_RULES.add(_f, elementwise)
 _UNARY_FUNCTIONS = [
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, torch.sigmoid, torch.tanh, F.tanh,
@@ -883,73 +967,73 @@ _UNARY_FUNCTIONS = [
     torch.nan_to_num, torch.clone, torch.detach,
 ]
 for _f in _UNARY_FUNCTIONS:
-    register_rule(_f, first_arg_identity)
+    _BUILTIN_RULES.add(_f, first_arg_identity)
 for _f in (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like):
-    register_rule(_f, creates_constant)
+    _BUILTIN_RULES.add(_f, creates_constant)
 for _f in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze):
-    register_rule(_f, view_like)
-register_rule(torch.permute, permute_rule)
+    _BUILTIN_RULES.add(_f, view_like)
+_BUILTIN_RULES.add(torch.permute, permute_rule)
 for _f in (torch.transpose, torch.swapaxes, torch.t):
-    register_rule(_f, transpose_rule)
+    _BUILTIN_RULES.add(_f, transpose_rule)
 for _f in (torch.cat, torch.concat, torch.concatenate):
-    register_rule(_f, cat_rule)
-register_rule(torch.stack, stack_rule)
+    _BUILTIN_RULES.add(_f, cat_rule)
+_BUILTIN_RULES.add(torch.stack, stack_rule)
 for _f in (torch.split, torch.chunk, torch.tensor_split):
-    register_rule(_f, split_rule)
-register_rule(torch.unbind, unbind_rule)
-register_rule(operator.getitem, getitem_rule)
+    _BUILTIN_RULES.add(_f, split_rule)
+_BUILTIN_RULES.add(torch.unbind, unbind_rule)
+_BUILTIN_RULES.add(operator.getitem, getitem_rule)
 for _f in (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.prod):
-    register_rule(_f, reduction)
+    _BUILTIN_RULES.add(_f, reduction)
 for _f in (torch.max, torch.min):
-    register_rule(_f, reduction_with_indices)
+    _BUILTIN_RULES.add(_f, reduction_with_indices)
 for _f in (torch.argmax, torch.argmin):
-    register_rule(_f, lambda ctx: reduction(ctx, position_output=True))
+    _BUILTIN_RULES.add(_f, lambda ctx: reduction(ctx, position_output=True))
 for _f in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
-    register_rule(_f, matmul_rule)
-register_rule(F.scaled_dot_product_attention, sdpa_rule)
+    _BUILTIN_RULES.add(_f, matmul_rule)
+_BUILTIN_RULES.add(F.scaled_dot_product_attention, sdpa_rule)
 for _f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize):
-    register_rule(_f, softmax_like)
-register_rule(F.pad, pad_rule)
-register_rule(torch.roll, roll_rule)
-register_rule("roll", roll_rule)
+    _BUILTIN_RULES.add(_f, softmax_like)
+_BUILTIN_RULES.add(F.pad, pad_rule)
+_BUILTIN_RULES.add(torch.roll, roll_rule)
+_BUILTIN_RULES.add("roll", roll_rule)
 for _f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
            F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
            F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate):
-    register_rule(_f, spatial_op())
-register_rule(F.conv1d, conv_function_rule(1))
-register_rule(F.conv2d, conv_function_rule(2))
-register_rule(F.conv3d, conv_function_rule(3))
-register_rule(F.linear, linear_function_rule)
-register_rule(F.batch_norm, batchnorm_function_rule)
-register_rule(F.layer_norm, layernorm_function_rule)
+    _BUILTIN_RULES.add(_f, spatial_op())
+_BUILTIN_RULES.add(F.conv1d, conv_function_rule(1))
+_BUILTIN_RULES.add(F.conv2d, conv_function_rule(2))
+_BUILTIN_RULES.add(F.conv3d, conv_function_rule(3))
+_BUILTIN_RULES.add(F.linear, linear_function_rule)
+_BUILTIN_RULES.add(F.batch_norm, batchnorm_function_rule)
+_BUILTIN_RULES.add(F.layer_norm, layernorm_function_rule)
 if hasattr(F, "rms_norm"):
-    register_rule(F.rms_norm, layernorm_function_rule)  # (input, normalized_shape, weight, eps)
-register_rule(F.group_norm, groupnorm_function_rule)
+    _BUILTIN_RULES.add(F.rms_norm, layernorm_function_rule)  # (input, normalized_shape, weight, eps)
+_BUILTIN_RULES.add(F.group_norm, groupnorm_function_rule)
 
 for _name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "lerp"):
-    register_rule(_name, elementwise)
+    _BUILTIN_RULES.add(_name, elementwise)
 for _name in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs",
               "neg", "clamp", "clamp_", "clip", "contiguous", "clone", "detach", "float", "half", "double",
               "bfloat16", "to", "type", "type_as", "square", "sign", "erf", "nan_to_num", "requires_grad_",
               "hardtanh"):
-    register_rule(_name, first_arg_identity)
+    _BUILTIN_RULES.add(_name, first_arg_identity)
 for _name in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten"):
-    register_rule(_name, view_like)
-register_rule("permute", permute_rule)
+    _BUILTIN_RULES.add(_name, view_like)
+_BUILTIN_RULES.add("permute", permute_rule)
 for _name in ("transpose", "swapaxes", "t"):
-    register_rule(_name, transpose_rule)
+    _BUILTIN_RULES.add(_name, transpose_rule)
 for _name in ("split", "chunk", "tensor_split"):
-    register_rule(_name, split_rule)
-register_rule("unbind", unbind_rule)
+    _BUILTIN_RULES.add(_name, split_rule)
+_BUILTIN_RULES.add("unbind", unbind_rule)
 for _name in ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"):
-    register_rule(_name, reduction)
+    _BUILTIN_RULES.add(_name, reduction)
 for _name in ("max", "min"):
-    register_rule(_name, reduction_with_indices)
+    _BUILTIN_RULES.add(_name, reduction_with_indices)
 for _name in ("expand", "expand_as"):
-    register_rule(_name, expand_rule)
+    _BUILTIN_RULES.add(_name, expand_rule)
 for _name in ("softmax", "log_softmax"):
-    register_rule(_name, softmax_like)
+    _BUILTIN_RULES.add(_name, softmax_like)
 for _name in ("zero_", "fill_"):
-    register_rule(_name, creates_constant)
-register_rule("matmul", matmul_rule)
-register_rule("__matmul__", matmul_rule)
+    _BUILTIN_RULES.add(_name, creates_constant)
+_BUILTIN_RULES.add("matmul", matmul_rule)
+_BUILTIN_RULES.add("__matmul__", matmul_rule)

@@ -6,7 +6,6 @@ tensor. The scores live in the returned :class:`HyperfluxRuntime`.
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
@@ -14,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import plugins
 from ..analysis import Analysis, GateTarget, Space
 from ..analysis.rules import op_description
 from ..errors import ConfigError
@@ -21,15 +21,15 @@ from .config import HyperfluxConfig
 from .gate import ChannelGate, GateScores, WeightGate
 from .runtime import ChannelPlan, GatedTensor, HyperfluxRuntime
 
-_VIT_MARKER = re.compile(r"(^|\.)attn\.qkv$")
-_VIT_GATED = re.compile(r"(^|\.)(attn\.(qkv|proj)|mlp\.(fc1|fc2))$")
-
 
 def default_gate_filter(targets: list[GateTarget]) -> Callable[[GateTarget], bool]:
-    """The paper's choice: every conv/linear weight for CNNs (stem and classifier included); for
-    ViT-like models (some module path ends in ``attn.qkv``) only attn.qkv/proj and mlp.fc1/fc2."""
-    if any(_VIT_MARKER.search(t.module) for t in targets):
-        return lambda t: bool(_VIT_GATED.search(t.module))
+    """The paper's choice of gated weights when the config gives no filter: the first integration
+    with an opinion on these targets decides (timm: for ViT-like models, only attn.qkv/proj and
+    mlp.fc1/fc2); otherwise every conv/linear weight, stem and classifier included."""
+    for integration in plugins.integrations():
+        keep = integration.gate_filter(targets) if integration.gate_filter is not None else None
+        if keep is not None:
+            return keep
     return lambda t: True
 
 

@@ -1,13 +1,7 @@
-"""Integrations with model libraries (installed as ``fxprune.integrations``).
+"""Integrations with model libraries, one module per library: ``timm``, ``pyg`` (PyTorch Geometric;
+its ExPrune sites in ``pyg_exprune``).
 
-Importing this package registers the capture hooks and axis rules of every library that is
-installed (timm, PyTorch Geometric); a missing library is skipped silently.
+Each module describes its library in one ``INTEGRATION`` (:class:`fxprune.plugins.Integration`);
+:func:`fxprune.plugins.integrations` loads those whose library is installed. Importing this package
+or one of its modules registers nothing, and the core never imports them by name.
 """
-from importlib import import_module
-
-for _name in ("timm", "pyg"):
-    try:
-        import_module(f"{__name__}.{_name}")
-    except ImportError as _exc:  # library not installed: nothing to register
-        if _name not in str(_exc) and "torch_geometric" not in str(_exc):
-            raise

@@ -11,11 +11,11 @@ their output axis and bias. Aggregations used here (add, mean, max, min) act per
 features stay exchangeable. MLPs inside a layer (GINConv, EdgeConv) are followed layer by layer;
 their hidden features become spaces of their own (tensors named ``<node>.<submodule>``).
 
-Extensions of the core (registered on import, so ``fxprune.analyze`` / ``fxprune.wrap`` see them):
-the Hyperflux gate targets inside the layers (:func:`gate_targets`), the ExPrune sites of GCNConv /
-SAGEConv / GraphConv / GINConv / EdgeConv and their injection (:mod:`fxprune.integrations.pyg_exprune`), and
-``torch.compile`` options (:func:`compile_options`). ``wrap`` is a backward-compatible alias of
-``fxprune.wrap``.
+Also: the Hyperflux gate targets inside the layers (:func:`gate_targets`), the ExPrune sites of
+GCNConv / SAGEConv / GraphConv / GINConv / EdgeConv and their injection
+(:mod:`fxprune.integrations.pyg_exprune`), and ``torch.compile`` options (:func:`compile_options`).
+All of it is described by :data:`INTEGRATION` (see :mod:`fxprune.plugins`); importing this module
+registers nothing. ``wrap`` is a backward-compatible alias of ``fxprune.wrap``.
 """
 from __future__ import annotations
 
@@ -31,11 +31,15 @@ from torch_geometric.nn.dense.linear import Linear as PygLinear
 from torch_geometric.nn.models import MLP
 from torch_geometric.utils._trim_to_layer import TrimToLayer
 
-from fxprune.analysis.rules import MODULE_RULES, RuleContext, first_arg_identity, register_rule
+from fxprune.analysis.rules import RuleContext, is_elementwise
 from fxprune.analysis.sites import GateTarget
-from fxprune.capture import LeafPolicy, register_capture_hook
+from fxprune.capture import LeafPolicy
+from fxprune.plugins import Integration
 
-__all__ = ["leaf_policy", "compile_options", "uses_pyg", "gate_targets", "wrap", "PER_FEATURE_AGGREGATIONS"]
+from . import pyg_exprune
+
+__all__ = ["INTEGRATION", "RULES", "leaf_policy", "compile_options", "uses_pyg", "gate_targets", "wrap",
+           "PER_FEATURE_AGGREGATIONS"]
 
 PER_FEATURE_AGGREGATIONS = ("add", "sum", "mean", "max", "min")
 _NORM_LEAVES = (pyg_norm.BatchNorm, pyg_norm.LayerNorm, pyg_norm.InstanceNorm, pyg_norm.GraphNorm)
@@ -56,9 +60,6 @@ def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
     return LeafPolicy(leaf_types={TrimToLayer, *_NORM_LEAVES}, leaf_predicates=[_is_message_passing])
 
 
-register_capture_hook(leaf_policy)
-
-
 def uses_pyg(model: nn.Module) -> bool:
     """True when the model contains a PyG message passing layer."""
     return any(isinstance(m, MessagePassing) for m in model.modules())
@@ -75,9 +76,9 @@ def compile_options(model: nn.Module) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def _hidden_axis(ctx: RuleContext, size: int, label: str) -> int:
-    """A feature axis inside a leaf (e.g. a hidden layer of GINConv's MLP), owned by a pseudo tensor
-    ``<node>.<label>`` so that its channels are reported as a space of their own."""
-    return ctx._b.table.new_axis(size, ("node", f"{ctx.node.name}.{label}", 1))
+    """A feature axis inside a leaf (e.g. a hidden layer of GINConv's MLP): axis 1 (features) of a
+    pseudo (nodes, features) tensor ``<node>.<label>``, so its channels form a space of their own."""
+    return ctx.new_axis(size, label, dim=1)
 
 
 def _break_graph_axes(ctx: RuleContext, x: list[int], out: list[int]) -> None:
@@ -118,13 +119,6 @@ def _linear(ctx: RuleContext, path: str, x_feat: int | None, out_feat: int | Non
     if b is not None:
         ctx.same(w[0], b[0])
     return True
-
-
-def _is_elementwise(m: nn.Module) -> bool:
-    for cls in type(m).__mro__:
-        if cls in MODULE_RULES:
-            return MODULE_RULES[cls] is first_arg_identity
-    return False
 
 
 def _join(path: str, name: str) -> str:
@@ -169,7 +163,7 @@ def _mlp(ctx: RuleContext, path: str, m: nn.Module, feat: int, first_link: Calla
             ctx.same(feat, w[1])
         _linear(ctx, path, None, hidden)
         return hidden
-    if first_link is None and (_is_elementwise(m) or isinstance(m, nn.Identity)):
+    if first_link is None and (is_elementwise(m) or isinstance(m, nn.Identity)):
         return feat
     if first_link is None and _feature_norm(ctx, path, m, feat):
         return feat
@@ -187,7 +181,7 @@ def _mlp(ctx: RuleContext, path: str, m: nn.Module, feat: int, first_link: Calla
 
 def _pyg_mlp(ctx: RuleContext, path: str, m: MLP, feat: int, first_link: Callable | None) -> int | None:
     """torch_geometric.nn.models.MLP: lins[i] -> [act] -> norms[i] -> [act] -> dropout; plain last layer."""
-    if m.act is not None and not _is_elementwise(m.act):
+    if m.act is not None and not is_elementwise(m.act):
         return None
     for i, lin in enumerate(m.lins):
         feat = _mlp(ctx, f"{path}.lins.{i}", lin, feat, first_link if i == 0 else None)
@@ -349,19 +343,15 @@ def trim_to_layer_rule(ctx: RuleContext) -> None:
             ctx.breaks(item, f"{ctx.description}: graph structure")
 
 
-register_rule(GCNConv, gcn_conv_rule)
-register_rule(SAGEConv, sage_conv_rule)
-register_rule(GraphConv, graph_conv_rule)
-register_rule(GINConv, gin_conv_rule)
-register_rule(EdgeConv, edge_conv_rule)
-register_rule(GATConv, gat_conv_rule)
-register_rule(pyg_norm.BatchNorm, norm_rule)
-register_rule(pyg_norm.LayerNorm, norm_rule)
-register_rule(TrimToLayer, trim_to_layer_rule)
+RULES = {
+    GCNConv: gcn_conv_rule, SAGEConv: sage_conv_rule, GraphConv: graph_conv_rule, GINConv: gin_conv_rule,
+    EdgeConv: edge_conv_rule, GATConv: gat_conv_rule, pyg_norm.BatchNorm: norm_rule, pyg_norm.LayerNorm: norm_rule,
+    TrimToLayer: trim_to_layer_rule,
+}
 
 
 # ---------------------------------------------------------------------------------------------
-# Gate targets, core extensions and wrap
+# Gate targets, wrap, the integration
 # ---------------------------------------------------------------------------------------------
 
 def gate_targets(gm: fx.GraphModule) -> list[GateTarget]:
@@ -396,25 +386,19 @@ def wrap(model: nn.Module, example_inputs: Any, **options) -> nn.Module:
     """Backward-compatible alias of :func:`fxprune.wrap` (same arguments, same result).
 
     It used to add the PyG gate targets and ExPrune sites around the core; the core now finds them
-    itself through the finders this module registers, so call ``fxprune.wrap(model, (x, edge_index))``.
+    itself through :data:`INTEGRATION`, so call ``fxprune.wrap(model, (x, edge_index))``.
     """
     from fxprune import wrap as core_wrap
 
     return core_wrap(model, example_inputs, **options)
 
 
-def _register_extensions() -> None:
-    """Site finder, gate finder, ExPrune injector and compile options for the core to consult."""
-    from fxprune.analysis.sites import register_gate_finder, register_site_finder
-    from fxprune.exprune.inject import register_site_injector
-    from fxprune.wrap import register_compile_options
-
-    from . import pyg_exprune
-
-    register_site_finder(pyg_exprune.find_sites)
-    register_gate_finder(gate_targets)
-    register_site_injector("message_passing", pyg_exprune.inject_site)
-    register_compile_options(compile_options)
-
-
-_register_extensions()
+INTEGRATION = Integration(
+    name="pyg",
+    leaf_policy=leaf_policy,
+    rules=RULES,
+    site_finders=(pyg_exprune.find_sites,),
+    site_injectors={"message_passing": pyg_exprune.inject_site},
+    gate_finders=(gate_targets,),
+    compile_options=compile_options,
+)

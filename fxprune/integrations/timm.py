@@ -12,16 +12,21 @@ standardization reduces over input channels: exchangeable, not prunable); ``Blur
 here, so its fixed filter is not mistaken for a weight) passes channels through; VGG's ``ConvMlp``
 and the Fourier position encodings link their boundary channels to the parameters that produce
 them; timm's opaque window/grid reversal functions pass the channel axis through.
+
+Also: Hyperflux's default gates for ViT-like models (:func:`gate_filter`), default example inputs
+from ``pretrained_cfg`` (:func:`example_inputs`). All of it is described by :data:`INTEGRATION`
+(see :mod:`fxprune.plugins`); importing this module registers nothing.
 """
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-
 import timm
+import torch
 from timm.layers import activations as _acts
 from timm.layers import activations_me as _acts_me
 from timm.layers import norm_act as _norm_act
@@ -29,12 +34,15 @@ from timm.layers import std_conv as _std_conv
 from timm.models import _features_fx as _timm_fx
 from torch import nn
 
-from fxprune.analysis.rules import (
-    MODULE_RULES, RuleContext, batchnorm_module_rule, conv_module_rule, first_arg_identity, register_rule,
-)
-from fxprune.capture import LeafPolicy, register_capture_hook
+from fxprune.analysis.rules import RuleContext, batchnorm_module_rule, conv_module_rule, is_elementwise
+from fxprune.capture import LeafPolicy
+from fxprune.plugins import Integration
 
-__all__ = ["create_model", "leaf_policy", "reset_eval_caches", "TRACE_THROUGH", "EXTRA_LEAVES"]
+if TYPE_CHECKING:
+    from fxprune.analysis import GateTarget
+
+__all__ = ["INTEGRATION", "create_model", "leaf_policy", "reset_eval_caches", "gate_filter", "example_inputs",
+           "RULES", "TRACE_THROUGH", "EXTRA_LEAVES"]
 
 
 def _timm_class(module: str, name: str):
@@ -63,11 +71,8 @@ def leaf_policy(model: nn.Module | None = None) -> LeafPolicy:
     return LeafPolicy(leaf_types=leaves, autowrap_functions=set(_timm_fx.get_notrace_functions()))
 
 
-register_capture_hook(leaf_policy)
-
-
 def reset_eval_caches(model: nn.Module) -> None:
-    """Capture hook: empty timm's eval-time caches before tracing.
+    """Empty timm's eval-time caches; the integration's leaf policy does it before every capture.
 
     LeViT, EfficientFormer(V2), EfficientViT (MSRA) and friends cache their attention biases per
     device in eval mode (``attention_bias_cache``). A symbolic trace stores a Proxy there (keyed by
@@ -80,7 +85,10 @@ def reset_eval_caches(model: nn.Module) -> None:
             m.attention_bias_cache = {}
 
 
-register_capture_hook(reset_eval_caches)
+def _capture_policy(model: nn.Module) -> LeafPolicy:
+    """The integration's ``leaf_policy``: empty timm's eval caches, then timm's leaf policy."""
+    reset_eval_caches(model)
+    return leaf_policy(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,12 +102,7 @@ _ELEMENTWISE_TYPES = tuple(
 
 
 def _is_elementwise(m: nn.Module) -> bool:
-    if isinstance(m, _ELEMENTWISE_TYPES):
-        return True
-    for cls in type(m).__mro__:
-        if cls in MODULE_RULES:
-            return MODULE_RULES[cls] is first_arg_identity
-    return False
+    return isinstance(m, _ELEMENTWISE_TYPES) or is_elementwise(m)
 
 
 def _inner_activations(ctx: RuleContext, channel_dim: int, *names: str) -> None:
@@ -289,28 +292,63 @@ _REARRANGING_FUNCTIONS = [
 ]
 
 
-register_rule(timm.layers.BlurPool2d, blur_pool_rule)
-if _timm_class("timm.models.tiny_vit", "TinyVitBlock") is not None:
-    register_rule(_timm_class("timm.models.tiny_vit", "TinyVitBlock"), tiny_vit_block_rule)
-for _cls in (_timm_class("timm.models.mobilevit", "MobileVitBlock"), _timm_class("timm.models.mobilevit", "MobileVitV2Block")):
-    if _cls is not None:
-        register_rule(_cls, mobilevit_block_rule)
-for _module, _name, _in, _out in _REARRANGING_FUNCTIONS:
-    _fn = _timm_class(_module, _name)
-    if _fn is not None:
-        register_rule(_fn, channel_passthrough(_in, _out))
-register_rule(_norm_act.BatchNormAct2d, norm_act_rule)
-register_rule(_norm_act.SyncBatchNormAct, norm_act_rule)
-register_rule(_norm_act.FrozenBatchNormAct2d, norm_act_rule)
-for _cls in (_std_conv.StdConv2d, _std_conv.StdConv2dSame, _std_conv.ScaledStdConv2d, _std_conv.ScaledStdConv2dSame):
-    register_rule(_cls, std_conv_rule)
-for _cls in (_timm_class("timm.models.vgg", "ConvMlp"),):
-    if _cls is not None:
-        register_rule(_cls, conv_mlp_rule)
-for _cls in (_timm_class("timm.models.xcit", "PositionalEncodingFourier"),
-             _timm_class("timm.models.edgenext", "PositionalEncodingFourier")):
-    if _cls is not None:
-        register_rule(_cls, fourier_position_rule)
+def _rules() -> dict[Any, Callable[[RuleContext], None]]:
+    """op -> rule for the timm layers and functions above (those this timm version has)."""
+    rules: dict[Any, Callable[[RuleContext], None]] = {timm.layers.BlurPool2d: blur_pool_rule}
+    for module, name, rule in (
+        ("timm.models.tiny_vit", "TinyVitBlock", tiny_vit_block_rule),
+        ("timm.models.mobilevit", "MobileVitBlock", mobilevit_block_rule),
+        ("timm.models.mobilevit", "MobileVitV2Block", mobilevit_block_rule),
+        ("timm.models.vgg", "ConvMlp", conv_mlp_rule),
+        ("timm.models.xcit", "PositionalEncodingFourier", fourier_position_rule),
+        ("timm.models.edgenext", "PositionalEncodingFourier", fourier_position_rule),
+    ):
+        cls = _timm_class(module, name)
+        if cls is not None:
+            rules[cls] = rule
+    for module, name, in_dim, out_dim in _REARRANGING_FUNCTIONS:
+        fn = _timm_class(module, name)
+        if fn is not None:
+            rules[fn] = channel_passthrough(in_dim, out_dim)
+    for cls in (_norm_act.BatchNormAct2d, _norm_act.SyncBatchNormAct, _norm_act.FrozenBatchNormAct2d):
+        rules[cls] = norm_act_rule
+    for cls in (_std_conv.StdConv2d, _std_conv.StdConv2dSame, _std_conv.ScaledStdConv2d, _std_conv.ScaledStdConv2dSame):
+        rules[cls] = std_conv_rule
+    return rules
+
+
+RULES = _rules()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperflux's default gates, default example inputs
+# ---------------------------------------------------------------------------------------------
+
+_VIT_MARKER = re.compile(r"(^|\.)attn\.qkv$")
+_VIT_GATED = re.compile(r"(^|\.)(attn\.(qkv|proj)|mlp\.(fc1|fc2))$")
+
+
+def gate_filter(targets: list[GateTarget]) -> Callable[[GateTarget], bool] | None:
+    """The paper's choice for ViT-like models (some module path ends in ``attn.qkv``): gate only
+    attn.qkv/proj and mlp.fc1/fc2. None for other models (the core gates every conv/linear weight)."""
+    if any(_VIT_MARKER.search(t.module) for t in targets):
+        return lambda t: bool(_VIT_GATED.search(t.module))
+    return None
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> tuple | None:
+    """A random batch at the model's ``pretrained_cfg["input_size"]`` (C, H, W), on the device and
+    in the dtype of its parameters; None when the model has no such config."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        return None
+    try:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    return (torch.randn(batch, *size, device=device, dtype=dtype),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,3 +378,12 @@ def create_model(name: str, fxprune: dict | None = None, example_inputs: Any = N
                                                                  "; see timm.list_models()"))
     model = timm.create_model(name, **timm_kwargs)
     return _fxprune.wrap(model, example_inputs, **options)
+
+
+INTEGRATION = Integration(
+    name="timm",
+    leaf_policy=_capture_policy,
+    rules=RULES,
+    gate_filter=gate_filter,
+    example_inputs=example_inputs,
+)
