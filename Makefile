@@ -20,7 +20,8 @@ demo: $(STAMP)
 	$(BIN)/fxprune demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) fxprune-demo-out
+	rm -rf $(VENV) fxprune-demo-out .grimp_cache .import_linter_cache
