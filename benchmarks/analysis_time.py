@@ -15,7 +15,7 @@ import time
 
 import _common
 import fxprune
-from fxprune.models import build
+from fxprune.app.models import build
 
 HEADING = "## Analysis time"
 GOAL_S = 1.0

@@ -17,8 +17,8 @@ import math
 
 import _common
 import fxprune
-from fxprune import data as datasets
-from fxprune.demo import accuracy, count_params, latency, train
+from fxprune.app import data as datasets
+from fxprune.app.demo import accuracy, count_params, latency, train
 
 HEADING = "## Channel export latency"
 FULL = dict(width=0.5, train_samples=0, dense_epochs=6, epochs=4, targets=(0.5, 0.75), repeats=30)

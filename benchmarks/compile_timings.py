@@ -26,7 +26,7 @@ from torch import nn
 
 import _common
 import fxprune
-from fxprune.demo import build_model
+from fxprune.app.demo import build_model
 
 HEADING = "## Compile timings"
 

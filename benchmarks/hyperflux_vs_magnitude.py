@@ -38,8 +38,8 @@ from torch import nn
 
 import _common
 import fxprune
-from fxprune import data as datasets
-from fxprune.demo import accuracy, train
+from fxprune.app import data as datasets
+from fxprune.app.demo import accuracy, train
 
 HEADING = "## Hyperflux vs magnitude pruning"
 FULL = dict(width=0.25, train_samples=0, dense_epochs=10, prune_epochs=10, regrowth_epochs=1,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.demo import default_threads
+from fxprune.app.demo import default_threads
 
 
 def synthetic_graph(nodes: int = 1000, classes: int = 5, features: int = 64, seed: int = 0):

@@ -23,8 +23,8 @@ import time
 import torch
 
 import fxprune
-from fxprune import data as datasets
-from fxprune.demo import accuracy, default_threads, train
+from fxprune.app import data as datasets
+from fxprune.app.demo import accuracy, default_threads, train
 from fxprune.integrations import timm as fx_timm
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

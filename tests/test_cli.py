@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.cli import main
+from fxprune.app.cli import main
 from fxprune.flops import flops
-from fxprune.models import build, parse_shape, ModelSpecError
+from fxprune.app.models import build, parse_shape, ModelSpecError
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "fxprune")
-COMMAND = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "fxprune.cli"]
+COMMAND = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "fxprune.app.cli"]
 
 MODELS = textwrap.dedent('''
     import torch
@@ -201,10 +201,10 @@ def test_exprune_threshold_wraps_the_model(capsys, models_file):
 
 
 def test_demo_dispatch(capsys, monkeypatch):
-    if importlib.util.find_spec("fxprune.demo") is not None:
-        code, out, _ = run_main(capsys, "demo", "--help")  # fxprune.demo.main parses its own arguments
+    if importlib.util.find_spec("fxprune.app.demo") is not None:
+        code, out, _ = run_main(capsys, "demo", "--help")  # fxprune.app.demo.main parses its own arguments
         assert code == 0 and "fxprune demo" in out
-    monkeypatch.setitem(sys.modules, "fxprune.demo", None)  # as if fxprune/demo.py were absent
+    monkeypatch.setitem(sys.modules, "fxprune.app.demo", None)  # as if fxprune/app/demo.py were absent
     code, out, err = run_main(capsys, "demo", "--anything")
     assert code == 2 and "fxprune demo is not available" in one_error_line(err)
 

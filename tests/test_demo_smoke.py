@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fxprune import demo
+from fxprune.app import demo
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_demo_quick_writes_report_and_plots(tmp_path, capsys):
 
 
 def test_digits_split_is_fixed():
-    from fxprune import data
+    from fxprune.app import data
 
     a, b = data.load("digits"), data.load("digits")
     assert a.shape == (3, 32, 32) and a.num_classes == 10

@@ -47,7 +47,7 @@ def test_dense_equals_fvcore_on_timm(name, kwargs, size):
 
 def test_pyg_gcn_with_edge_index():
     pytest.importorskip("torch_geometric")
-    from fxprune.models import build
+    from fxprune.app.models import build
 
     model, inputs = build("pyg:GCN", [(40, 12)])
     report = flops(model, inputs)

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PYG_MODELS = ("GCN", "GraphSAGE", "GIN", "GAT", "EdgeCNN")
 PYG_DEFAULTS = {"hidden_channels": 64, "num_layers": 2, "out_channels": 8}

@@ -5,7 +5,7 @@ Results go to stdout; progress (when stderr is a terminal) and library noise go 
 ``fxprune: error: ...`` on stderr and exits with code 2.
 
 MODEL is a timm name (``resnet18``), ``pyg:GCN|GraphSAGE|GIN|GAT|EdgeCNN`` or
-``module:factory`` / ``path/to/file.py:factory`` (see :mod:`fxprune.models`).
+``module:factory`` / ``path/to/file.py:factory`` (see :mod:`fxprune.app.models`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .errors import ConfigError, FxpruneError
+from ..errors import ConfigError, FxpruneError
 
 FORMATS = ("table", "json", "csv", "md")
 
@@ -129,7 +129,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_flops(args) -> int:
-    from .flops import FlopReport, flops
+    from ..flops import FlopReport, flops
 
     if args.depth < 0:
         raise ConfigError(f"--depth must be >= 0, got {args.depth}")
@@ -171,11 +171,11 @@ def _wrap_exprune(model, inputs, threshold: float):
 
 def _cmd_demo(argv: list[str]) -> int:
     try:
-        demo = importlib.import_module("fxprune.demo")
+        demo = importlib.import_module("fxprune.app.demo")
     except ModuleNotFoundError as exc:
-        if exc.name != "fxprune.demo":
+        if exc.name != "fxprune.app.demo":
             raise
-        raise ConfigError("fxprune demo is not available: fxprune/demo.py is not part of this installation "
+        raise ConfigError("fxprune demo is not available: fxprune/app/demo.py is not part of this installation "
                           "yet (use 'fxprune analyze' or 'fxprune flops')") from exc
     return demo.main(argv) or 0
 

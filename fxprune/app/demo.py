@@ -1,7 +1,7 @@
 """``fxprune demo``: dense -> Hyperflux -> Hyperflux + ExPrune on a timm ResNet, offline, on a CPU.
 
 Steps: train a ResNet-18-style timm model (half width by default) on scikit-learn's digits upsampled
-to 3x32x32 (:mod:`fxprune.data`); wrap it with Hyperflux and fine-tune while pruning to the target
+to 3x32x32 (:mod:`fxprune.app.data`); wrap it with Hyperflux and fine-tune while pruning to the target
 sparsity; export the pruned model; wrap that with ExPrune and calibrate its thresholds on a held-out
 split (plus augmented copies of it); then compare the three on the test split: accuracy, parameters, dense and effective MACs
 (:func:`fxprune.flops`, 1 MAC = one multiply-add, per image) and eager CPU latency (median).
