@@ -32,7 +32,7 @@ from torch_geometric.nn.models import MLP
 from torch_geometric.utils._trim_to_layer import TrimToLayer
 
 from fxprune.analysis.rules import MODULE_RULES, RuleContext, first_arg_identity, register_rule
-from fxprune.analysis.sites import GateTarget
+from fxprune.hyperflux.targets import GateTarget
 from fxprune.capture import LeafPolicy, register_capture_hook
 
 __all__ = ["leaf_policy", "compile_options", "uses_pyg", "gate_targets", "wrap", "PER_FEATURE_AGGREGATIONS"]
@@ -405,8 +405,8 @@ def wrap(model: nn.Module, example_inputs: Any, **options) -> nn.Module:
 
 def _register_extensions() -> None:
     """Site finder, gate finder, ExPrune injector and compile options for the core to consult."""
-    from fxprune.analysis.sites import register_gate_finder, register_site_finder
-    from fxprune.exprune.inject import register_site_injector
+    from fxprune.exprune import register_site_finder, register_site_injector
+    from fxprune.hyperflux import register_gate_finder
     from fxprune.wrap import register_compile_options
 
     from . import pyg_exprune
