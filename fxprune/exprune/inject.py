@@ -34,8 +34,8 @@ SITE_INJECTORS: dict[str, SiteInjector] = {}
 def register_site_injector(op: str, injector: SiteInjector) -> SiteInjector:
     """Inject sites whose ``Site.op`` is ``op`` with ``injector(gm, site, modules, config)``.
 
-    The injector registers an :class:`ExPruneOp` under the site's module (at
-    :func:`fxprune.exprune.rewrite.op_path`), replaces ``site.chain`` by one call of it with
+    The injector registers an :class:`ExPruneOp` under the site's module
+    (:func:`fxprune.exprune.rewrite.attach_op`), replaces ``site.chain`` by one call of it with
     :func:`fxprune.exprune.rewrite.replace_chain` and returns the op, or returns a string: the
     reason the site is left as it is. ``apply_exprune`` has already checked the config names,
     ``sites=``, ``k`` and shared modules, and recompiles afterwards. Libraries describe theirs in

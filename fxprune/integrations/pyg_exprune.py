@@ -156,6 +156,9 @@ class GINENPOp(MessagePassingENPOp):
         return self._rest(out)
 
     def _rest(self, h: Tensor) -> Tensor:
+        """``nn`` after the predicted block. A PyG ``MLP`` has no public entry point past its first
+        block (``MLP.forward`` runs them all), so its remaining blocks are run here in its order:
+        lin -> [act] -> norm -> [act] -> dropout, then the plain last layer."""
         net = self.conv.nn
         if self.tail >= 0:
             for module in list(net)[self.tail:]:
