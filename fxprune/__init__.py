@@ -5,10 +5,11 @@ Public surface (see README): ``wrap``, ``analyze``, ``HyperfluxConfig``, ``ExPru
 """
 from importlib import import_module as _import_module
 
-from .analysis import Analysis, analyze, register_rule
+from .analysis import register_rule
 from .capture import register_leaf_module
 from .errors import ConfigError, FxpruneError, NameClashError, ShapeError, TraceError, WrapError
 from .flops import FlopReport, flops  # eager: the function must shadow the submodule of the same name
+from .pipeline import Analysis, analyze
 from .wrap import wrap
 
 __version__ = "0.3.0"

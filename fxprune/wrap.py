@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import plugins
-from .analysis import analyze
+from .pipeline import analyze
 from .capture import check_names, normalize_inputs
 from .errors import ConfigError, ShapeError, WrapError
 from .runtime import Controller, WrappedModule, is_wrapped
@@ -80,15 +80,14 @@ def wrap(
     captured = analysis.graph_module
     check_names(private, captured.graph, ("fxprune",),
                 owner="module made by fxprune.wrap (model.fxprune is its controller)")
-    gm = WrappedModule(captured, captured.graph, class_name=type(model).__name__)
+    gm = WrappedModule(captured, captured.graph, class_name=type(model).__name__)  # the same annotated graph
     gm.train(model.training)
-    analysis.graph_module = gm
 
     exprune_rt = hyperflux_rt = None
     if exprune is not None:
         from .exprune.inject import apply_exprune
 
-        exprune_rt = apply_exprune(gm, analysis, exprune)
+        exprune_rt = apply_exprune(gm, exprune)
     if hyperflux is not None:
         from .hyperflux.inject import apply_hyperflux
 

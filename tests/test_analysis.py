@@ -9,6 +9,7 @@ from torch import nn
 
 import fxprune
 from fxprune.analysis.rules import unregister_rule
+from fxprune.exprune.sites import SITE_KEY
 from permutation import assert_no_io_space, check_exchangeable_spaces
 from model_gen import conv_dags, mlps
 
@@ -247,29 +248,38 @@ class _WithOpaque(nn.Module):
         return self.head(self.opaque(self.lift(x).relu()).relu())
 
 
-@pytest.fixture
-def opaque_finders():
-    """Register a site finder and a gate finder for _Opaque for one test."""
-    from fxprune.analysis import GateTarget, Rejected, Site, register_gate_finder, register_site_finder
-    from fxprune.analysis.sites import GATE_FINDERS, SITE_FINDERS
+@pytest.fixture(params=["register", "integration"])
+def opaque_finders(request):
+    """A site finder and a gate finder for _Opaque for one test: registered with the stages' public
+    register functions, or described by an fxprune.plugins.Integration."""
+    from fxprune import plugins
+    from fxprune.exprune import Rejected, Site, register_site_finder
+    from fxprune.exprune.sites import SITE_FINDERS
+    from fxprune.hyperflux import GateTarget, register_gate_finder
+    from fxprune.hyperflux.targets import GATE_FINDERS
 
     def sites(gm, spaces):
         node = next((n for n in gm.graph.nodes if n.target == "opaque"), None)
         if node is None:  # traced through: nothing of ours in this graph
             return [], []
-        return ([Site("opaque", "enp", 6, "opaque-relu", "opaque_op", node.name, 0, 36, (3, 6))],
+        return ([Site("opaque", "enp", 6, "opaque-relu", "opaque_op", node, 0, 36, (3, 6), chain=[node])],
                 [Rejected("lift", "opaque_op", "only opaque layers")])
 
     def gates(gm):
         return [GateTarget("opaque.inner.weight", "opaque.inner", "linear", (6, 6), 3 * 36),
                 GateTarget("head.weight", "head", "linear", (2, 6), 0)]  # a key the core found already
 
-    register_site_finder(sites)
-    register_site_finder(sites)  # twice: still one entry
-    register_gate_finder(gates)
-    yield
-    SITE_FINDERS.remove(sites)
-    GATE_FINDERS.remove(gates)
+    if request.param == "register":
+        register_site_finder(sites)
+        register_site_finder(sites)  # twice: still one entry
+        register_gate_finder(gates)
+        yield
+        SITE_FINDERS.remove(sites)
+        GATE_FINDERS.remove(gates)
+    else:
+        plugins.register_integration(plugins.Integration("opaque", site_finders=(sites,), gate_finders=(gates,)))
+        yield
+        plugins.unregister_integration("opaque")
 
 
 def test_registered_finders_extend_the_analysis_and_wrap(opaque_finders):
@@ -277,7 +287,7 @@ def test_registered_finders_extend_the_analysis_and_wrap(opaque_finders):
     a = fxprune.analyze(_WithOpaque().eval(), x, leaf_modules=[_Opaque])
     (site,) = [s for s in a.sites if s.op == "opaque_op"]
     assert site.name == "opaque" and a.graph_module.graph.find_nodes(op="call_module", target="opaque")[0] \
-        .meta["fxprune_site"] is site
+        .meta[SITE_KEY] is site
     assert ("lift", "only opaque layers") in [(r.name, r.reason) for r in a.rejected]
     keys = [t.key for t in a.gate_targets]
     assert sorted(keys) == ["head.weight", "lift.weight", "opaque.inner.weight"]

@@ -46,7 +46,7 @@ def wrapped(rule: str = "threshold", heads: bool = True):
     model = trained_mlp()
     x = blobs(4, 1)[0]
     a = fxprune.analyze(copy.deepcopy(model), x)
-    rt = apply_exprune(a.graph_module, a, ExPruneConfig(rule=rule, k=8, heads=heads))
+    rt = apply_exprune(a.graph_module, ExPruneConfig(rule=rule, k=8, heads=heads))
     return a.graph_module, rt
 
 
@@ -86,7 +86,7 @@ def test_calibrate_fisher_objective_on_a_regression_output():
     model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).eval()
     x = torch.randn(300, 6)
     a = fxprune.analyze(copy.deepcopy(model), x[:2])
-    rt = apply_exprune(a.graph_module, a, ExPruneConfig(k=8))
+    rt = apply_exprune(a.graph_module, ExPruneConfig(k=8))
     gm = a.graph_module
     ref = model(x).detach()
 

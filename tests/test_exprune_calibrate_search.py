@@ -137,7 +137,7 @@ def two_input_model():
     torch.manual_seed(0)
     x, z = torch.randn(4, 8), torch.randn(4, 5)
     a = fxprune.analyze(TwoInputs().eval(), (x, z))
-    rt = apply_exprune(a.graph_module, a, ExPruneConfig(k=8))
+    rt = apply_exprune(a.graph_module, ExPruneConfig(k=8))
     assert rt.ops, "the test model must have an ExPrune site"
     return a.graph_module
 

@@ -223,7 +223,7 @@ def wrapped_with(config: ExPruneConfig):
     from test_exprune_calibrate import trained_mlp
 
     a = fxprune.analyze(copy.deepcopy(trained_mlp()), blobs(4, 1)[0])
-    rt = apply_exprune(a.graph_module, a, config)
+    rt = apply_exprune(a.graph_module, config)
     return a.graph_module, rt
 
 

@@ -56,7 +56,7 @@ def bn_stats(model, seed=0):
 
 def inject(model, x, **cfg):
     a = fxprune.analyze(copy.deepcopy(model), x)
-    return a.graph_module, apply_exprune(a.graph_module, a, ExPruneConfig(**cfg))
+    return a.graph_module, apply_exprune(a.graph_module, ExPruneConfig(**cfg))
 
 
 def test_toy_resnet_sites_safe_default_and_pruning():
@@ -117,7 +117,7 @@ def test_bn_in_training_mode_is_refused():
     a = fxprune.analyze(copy.deepcopy(model).eval(), torch.randn(1, 3, 4, 4))
     a.graph_module.get_submodule("layer.1.bn2").train()
     with pytest.raises(WrapError, match="layer.1.bn2"):
-        apply_exprune(a.graph_module, a, ExPruneConfig(k=4))
+        apply_exprune(a.graph_module, ExPruneConfig(k=4))
 
 
 def test_strip_restores_the_dense_chain():

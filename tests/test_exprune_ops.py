@@ -49,7 +49,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def inject(model: nn.Module, x, **cfg):
     a = fxprune.analyze(copy.deepcopy(model), x)
-    rt = apply_exprune(a.graph_module, a, ExPruneConfig(**cfg))
+    rt = apply_exprune(a.graph_module, ExPruneConfig(**cfg))
     return a.graph_module, rt
 
 

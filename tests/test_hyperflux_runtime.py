@@ -195,7 +195,7 @@ def test_wrap_step_sparsity_and_device_moves(granularity):
 
 
 def test_default_filter_gates_every_conv_linear_of_a_cnn_and_attention_mlp_linears_of_a_vit():
-    from fxprune.analysis import GateTarget
+    from fxprune.hyperflux import GateTarget
     from fxprune.hyperflux.inject import default_gate_filter
 
     def targets(*modules):

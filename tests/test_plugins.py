@@ -9,7 +9,7 @@ from torch import nn
 
 import fxprune
 from fxprune import plugins
-from fxprune.analysis import GateTarget
+from fxprune.hyperflux import GateTarget
 from fxprune.analysis.rules import RuleContext, first_arg_identity, rule_for, unregister_rule
 from fxprune.capture import LeafPolicy
 from fxprune.hyperflux.inject import default_gate_filter

@@ -10,6 +10,7 @@ pytest.importorskip("torch_geometric")
 import fxprune  # noqa: E402
 from fxprune.integrations import pyg  # noqa: E402
 from fxprune.exprune import strip_exprune  # noqa: E402
+from fxprune.exprune.sites import REJECTED_KEY, SITE_KEY  # noqa: E402
 from fxprune.integrations.pyg_exprune import MessagePassingENPOp  # noqa: E402
 from permutation import randomize_  # noqa: E402
 from torch_geometric.nn import EdgeConv, GCNConv, GINConv, GraphConv, SAGEConv  # noqa: E402
@@ -177,8 +178,10 @@ def test_sites_and_rejections_in_a_basic_gnn():
     site = next(s for s in wrapped.fxprune.analysis.sites if s.name == "convs.1")
     assert (site.kind, site.n, site.pattern, site.op) == ("enp", 48, "sageconv-relu", "message_passing")
     nodes = {n.name: n for n in fxprune.analyze(model, (x, edge_index)).graph_module.graph.nodes}
-    assert nodes[site.node].meta["fxprune_site"] == site  # on the graph, like the core's sites
-    assert "touches the model input" in nodes["convs_0"].meta["fxprune_rejected"]
+    on_graph = nodes[site.node].meta[SITE_KEY]  # on the graph, like the core's sites
+    assert on_graph.to_dict() == site.to_dict() and on_graph.node is nodes[site.node]
+    assert on_graph.chain[0] is nodes["convs_1"] and on_graph.chain[-1] is on_graph.act  # conv ... ReLU
+    assert "touches the model input" in nodes["convs_0"].meta[REJECTED_KEY].reason
 
 
 def test_sites_config_selects_message_passing_sites():

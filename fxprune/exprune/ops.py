@@ -167,26 +167,23 @@ class ExPruneOp(nn.Module):
         self.effective_macs += rows * nnz_k.sum() + (kept * nnz_r).sum() + overhead * tests
 
 
-class ENPOp(ExPruneOp):
-    """Negative pre-activation prediction for conv1d/conv2d/linear -> [BN] -> [+ residual] -> ReLU.
+class ENPBase(ExPruneOp):
+    """Negative pre-activation prediction: the part every ENP op shares (prediction, counting, probe).
 
-    Called as ``op(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual)``
-    with the absent tensors None; the tensors are read from the original modules at run time.
+    A subclass computes its operands from its inputs (S_k, the rest of the sum, Q_k for the z-test)
+    and hands them to :meth:`predict`, which applies bias, BatchNorm, residual and ReLU, makes the
+    prediction, counts the MACs and reports to the probe. ``layout`` is how the output is laid out:
+    "linear" (channels last), "conv1d" or "conv2d" (channels at dim 1).
     """
-
-    def __init__(self, site: str, op: str, rule: str, k: int, n: int, *, eps: float | None = None,
-                 stride=1, padding=0, dilation=1, **knobs):
-        super().__init__(site, rule, k, n, **knobs)
-        if op not in ("conv1d", "conv2d", "linear"):
-            raise ValueError(f"ENPOp supports conv1d, conv2d and linear, got {op!r}")
-        self.op = op
-        self.eps = eps  # BatchNorm eps (None: no BN)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
 
     per_channel = True
 
-    def extra_repr(self) -> str:
-        return f"site={self.site!r}, op={self.op}, rule={self.rule}, k={self.k}, n={self.n}"
+    def __init__(self, site: str, layout: str, rule: str, k: int, n: int, *, eps: float | None = None, **knobs):
+        super().__init__(site, rule, k, n, **knobs)
+        if layout not in ("conv1d", "conv2d", "linear"):
+            raise ValueError(f"ENP ops support conv1d, conv2d and linear, got {layout!r}")
+        self.op = layout
+        self.eps = eps  # BatchNorm eps (None: no BN)
 
     def cutoff(self) -> Tensor:
         """T (0-dim, or per output channel shaped to broadcast against the output) or Phi^-1(alpha)."""
@@ -202,13 +199,21 @@ class ENPOp(ExPruneOp):
                               f"per-channel thresholds")
         return stat < self.cutoff()
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+    def predict(self, s_k: Tensor, rest: Tensor, q_k: Tensor | None, weight: Tensor, bias: Tensor | None = None,
                 running_mean: Tensor | None = None, running_var: Tensor | None = None,
                 bn_weight: Tensor | None = None, bn_bias: Tensor | None = None,
                 residual: Tensor | None = None) -> Tensor:
-        self._check_eval()
-        s_k, q_k = self._first_terms(x, weight)
-        pre = s_k + self._reduce(x[:, self.k:] if self.op != "linear" else x[..., self.k:], weight[:, self.k:])
+        """The output of one call from its operands.
+
+        Args:
+            s_k: S_k, the sum of the first k terms, shaped like the output.
+            rest: the sum of the other n - k terms.
+            q_k: Q_k, the sum of the first k squared terms (z-test only, else None).
+            weight: the effective weight (O, n, *K) the terms are made of (its zeros cost nothing).
+            bias, running_mean, running_var, bn_weight, bn_bias, residual: the chain's other tensors
+                (None when absent).
+        """
+        pre = s_k + rest
         if bias is not None:
             pre = pre + self._chan(bias)
         if running_mean is not None:
@@ -266,6 +271,31 @@ class ENPOp(ExPruneOp):
         if self.op == "linear":
             return t
         return t.view(-1, 1) if self.op == "conv1d" else t.view(-1, 1, 1)
+
+
+class ENPOp(ENPBase):
+    """ENP for conv1d/conv2d/linear -> [BN] -> [+ residual] -> ReLU.
+
+    Called as ``op(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual)``
+    with the absent tensors None; the tensors are read from the original modules at run time.
+    """
+
+    def __init__(self, site: str, op: str, rule: str, k: int, n: int, *, eps: float | None = None,
+                 stride=1, padding=0, dilation=1, **knobs):
+        super().__init__(site, op, rule, k, n, eps=eps, **knobs)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, op={self.op}, rule={self.rule}, k={self.k}, n={self.n}"
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                bn_weight: Tensor | None = None, bn_bias: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        self._check_eval()
+        s_k, q_k = self._first_terms(x, weight)
+        rest = self._reduce(x[:, self.k:] if self.op != "linear" else x[..., self.k:], weight[:, self.k:])
+        return self.predict(s_k, rest, q_k, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual)
 
     def _reduce(self, x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:
         if self.op == "linear":

@@ -84,7 +84,7 @@ def _strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
     if not any(type(m).__module__.startswith("fxprune.exprune") for m in gm.modules()):
         return gm
     try:
-        from ..exprune.inject import strip_exprune
+        from ..exprune import strip_exprune
     except ImportError as exc:
         raise ExportError("the model has ExPrune ops but fxprune.exprune.inject.strip_exprune is not available "
                           "to restore the dense layers before export") from exc

@@ -14,12 +14,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import plugins
-from ..analysis import Analysis, GateTarget, Space
-from ..analysis.rules import op_description
+from ..analysis import ChannelSpaces, Space
 from ..errors import ConfigError
 from .config import HyperfluxConfig
 from .gate import ChannelGate, GateScores, WeightGate
 from .runtime import ChannelPlan, GatedTensor, HyperfluxRuntime
+from .targets import GateTarget, gate_targets_of, outside_use, space_ids
 
 
 def default_gate_filter(targets: list[GateTarget]) -> Callable[[GateTarget], bool]:
@@ -33,30 +33,34 @@ def default_gate_filter(targets: list[GateTarget]) -> Callable[[GateTarget], boo
     return lambda t: True
 
 
-def select_targets(analysis: Analysis, config: HyperfluxConfig) -> list[GateTarget]:
-    """Gate targets of the analysis chosen by ``config.filter`` (or :func:`default_gate_filter`)."""
-    keep = config.filter or default_gate_filter(analysis.gate_targets)
-    return [t for t in analysis.gate_targets if keep(t)]
+def select_targets(targets: list[GateTarget], config: HyperfluxConfig) -> list[GateTarget]:
+    """The gate targets chosen by ``config.filter`` (or :func:`default_gate_filter`)."""
+    keep = config.filter or default_gate_filter(targets)
+    return [t for t in targets if keep(t)]
 
 
-def apply_hyperflux(gm: fx.GraphModule, analysis: Analysis, config: HyperfluxConfig,
+def apply_hyperflux(gm: fx.GraphModule, analysis: ChannelSpaces, config: HyperfluxConfig,
                     example_inputs: tuple | None = None) -> HyperfluxRuntime:
     """Gate the weights of ``gm`` (mutated in place) and return the runtime that trains the gates.
 
     Args:
-        gm: the captured model (``analysis.graph_module`` or a module with the same state keys).
-        analysis: its analysis (gate targets, prunable channel spaces).
+        gm: the captured model, its gate targets annotated by
+            :func:`fxprune.hyperflux.targets.find_gate_targets` (``fxprune.analyze`` and
+            ``fxprune.wrap`` run it).
+        analysis: its channel spaces (``fxprune.analyze``'s report or the result of
+            ``fxprune.analysis.analyze_graph``), used by channel granularity.
         config: the HyperfluxConfig.
         example_inputs: inputs export verifies the exported model on; by default generated from the
             shapes and dtypes recorded on the graph's placeholders.
     """
     if not isinstance(config, HyperfluxConfig):
         raise ConfigError(f"apply_hyperflux expects a HyperfluxConfig, got {type(config).__name__}")
-    targets = select_targets(analysis, config)
+    found = gate_targets_of(gm)
+    targets = select_targets(found, config)
     if not targets:
-        raise ConfigError(f"HyperfluxConfig.filter selected none of the {len(analysis.gate_targets)} conv/linear "
-                          f"weights of {analysis.model_name or 'the model'}; nothing to gate")
-    injector = _Injector(gm, analysis, config)
+        raise ConfigError(f"HyperfluxConfig.filter selected none of the {len(found)} conv/linear "
+                          f"weights of the model; nothing to gate")
+    injector = _Injector(gm, analysis, config, found)
     if config.granularity == "weight":
         injector.gate_weights(targets)
     else:
@@ -73,7 +77,8 @@ def apply_hyperflux(gm: fx.GraphModule, analysis: Analysis, config: HyperfluxCon
 class _Injector:
     """Builds the scores and registers the parametrizations; collects what could not be gated."""
 
-    def __init__(self, gm: fx.GraphModule, analysis: Analysis, config: HyperfluxConfig):
+    def __init__(self, gm: fx.GraphModule, analysis: ChannelSpaces, config: HyperfluxConfig,
+                 targets: list[GateTarget]):
         self.gm, self.analysis, self.config = gm, analysis, config
         self.generator = torch.Generator().manual_seed(config.seed)
         self.gates: list[GateScores] = []
@@ -84,10 +89,10 @@ class _Injector:
         self.names_of: dict[int, list[str]] = {}
         for name, p in self.params.items():
             self.names_of.setdefault(id(p), []).append(name)
-        self.macs = {t.key: t.macs for t in analysis.gate_targets}
+        self.macs = {t.key: t.macs for t in targets}
         self.shares: list[torch.Tensor] = []  # un-normalised pressure per gate
         self.counters: list[ChannelGate] = []  # masks that count channel-gated tensors in the density
-        self.spaces_of_node = {node: _space_ids(node.meta.get("fxprune_spaces")) for node in gm.graph.nodes}
+        self.spaces_of_node = {node: space_ids(node.meta.get("fxprune_spaces")) for node in gm.graph.nodes}
 
     # -- checks and costs ----------------------------------------------------------------
     def ungateable(self, key: str) -> str:
@@ -211,49 +216,6 @@ class _Injector:
                               "use HyperfluxConfig(weight_by='params')")
         for g, share in zip(self.gates, self.shares):
             g.pressure_share = (share / total).float().to(g.score.device)
-
-
-def outside_use(gm: fx.GraphModule, space: Space, consumer_keys: set[str], spaces_of_node: dict) -> str:
-    """"" when every value carrying the space reaches the rest of the graph only through the input
-    channels of a consumer weight; else the first node that uses it otherwise (a parameter-free
-    contraction such as a matmul), so that masking the consumers would not remove the channels.
-
-    A leaf module (e.g. a PyG message passing layer, analysed by its rule) reads the channels
-    through gated weights when the space has members among its parameters and every one of them
-    is a consumer: its rule linked the channels to those weights and to nothing else.
-    """
-    members_by_module: dict[str, set[str]] = {}
-    for m in space.members:
-        members_by_module.setdefault(m.key.rpartition(".")[0], set()).add(m.key)
-
-    def leaf_reads_through_consumers(user: fx.Node) -> bool:
-        inside = {key for prefix, keys in members_by_module.items()
-                  if prefix == user.target or prefix.startswith(f"{user.target}.") for key in keys}
-        return bool(inside) and inside <= consumer_keys
-
-    for node in gm.graph.nodes:
-        if space.id not in spaces_of_node[node]:
-            continue
-        for user in node.users:
-            if user.op == "output":
-                return f"'{node.name}' is a model output"
-            passes_on = space.id in spaces_of_node[user]
-            reads = (user.op == "call_module" and (f"{user.target}.weight" in consumer_keys
-                                                   or leaf_reads_through_consumers(user))) or any(
-                a.op == "get_attr" and a.target in consumer_keys for a in user.all_input_nodes)
-            if not (passes_on or reads or user.meta.get("tensor_meta") is None):
-                module = gm.get_submodule(user.target) if user.op == "call_module" else None
-                return f"'{user.name}' ({op_description(user, module)}) reads the channels without a gated weight"
-    return ""
-
-
-def _space_ids(spaces) -> set[int]:
-    """Space ids in a node's ``fxprune_spaces`` (a tuple of ids per dim, nested for tuple outputs)."""
-    if spaces is None:
-        return set()
-    if isinstance(spaces, tuple):
-        return set(spaces)
-    return set().union(*map(_space_ids, spaces))
 
 
 def channel_index(positions: list, axis_size: int, space_size: int) -> torch.Tensor | None:

@@ -32,7 +32,7 @@ from torch_geometric.nn.models import MLP
 from torch_geometric.utils._trim_to_layer import TrimToLayer
 
 from fxprune.analysis.rules import RuleContext, is_elementwise
-from fxprune.analysis.sites import GateTarget
+from fxprune.hyperflux.targets import GateTarget
 from fxprune.capture import LeafPolicy
 from fxprune.plugins import Integration
 

@@ -11,8 +11,10 @@ ExPrune prediction on the linear part, with exactly the semantics (and fold of b
 of :class:`fxprune.exprune.ops.ENPOp` for a linear site with n = in_channels.
 
 A site is a conv -> [Identity/Dropout]* -> [BatchNorm (eval)] -> [Identity/Dropout]* -> ReLU chain
-whose conv reduces over one exchangeable space, called on a 2-D feature tensor and a plain
-``edge_index`` tensor (not SparseTensor).
+(matched by the core's :func:`fxprune.exprune.chain.match_chain`, with PyG's BatchNorm wrapper as
+a foldable BatchNorm and no residual add) whose conv reduces over one exchangeable space, called
+on a 2-D feature tensor and a plain ``edge_index`` tensor (not SparseTensor). The ops derive from
+:class:`fxprune.exprune.ops.ENPBase`: they compute their operands, the base predicts and counts.
 
 GINConv computes nn((1 + eps) x_i + sum_j x_j): its site is the first block of its ``nn``
 (Linear -> [BatchNorm] -> ReLU, in an ``nn.Sequential`` or a PyG ``MLP``), predicted after the
@@ -22,16 +24,15 @@ being the pair of terms (x_ic, x_jc - x_ic) (:class:`EdgeConvENPOp`). GATConv ha
 attention weights are computed from the projection W x of all channels, so predicting after the
 aggregation would need a reformulated layer (logits from (W_h^T a_h) . x, then W after aggregating).
 
-``fxprune.integrations.pyg`` registers :func:`find_sites` with the analysis and :func:`inject_site`
-for sites with ``op == "message_passing"`` with the ExPrune pass, so
-``fxprune.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))`` puts ops there. The ops
-record the replaced chain (``op.chain``) in the core's format, so
+``fxprune.integrations.pyg`` hands :func:`find_sites` to the ExPrune site pass and :func:`inject_site`
+(for sites with ``op == "message_passing"``) to the ExPrune injection, so
+``fxprune.wrap(gnn, (x, edge_index), exprune=fxprune.ExPruneConfig(...))`` puts ops there. The
+chains are replaced with the core's :func:`fxprune.exprune.rewrite.replace_chain`, so
 ``fxprune.exprune.strip_exprune`` and ``fxprune.export`` restore the dense layers.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -43,18 +44,18 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.nn.dense.linear import Linear as PygLinear
 from torch_geometric.nn.models import MLP
 
-from fxprune.analysis.sites import Rejected, Site, is_relu, is_transparent
-from fxprune.errors import WrapError
+from fxprune.analysis.nodes import join_path, tensor_shape
+from fxprune.exprune.chain import NO_RELU, match_chain
 from fxprune.exprune.config import ExPruneConfig
-from fxprune.exprune.inject import record_chain
-from fxprune.exprune import probe
-from fxprune.exprune.ops import ENPOp
+from fxprune.exprune.inject import batchnorm_params, folded_batchnorm, knobs
+from fxprune.exprune.ops import ENPBase
+from fxprune.exprune.rewrite import Param, attach_op, replace_chain
+from fxprune.exprune.sites import Rejected, Site, site_from_chain
 
 __all__ = ["MessagePassingENPOp", "GINENPOp", "EdgeConvENPOp", "find_sites", "inject_site", "LAYERS"]
 
 PER_FEATURE = ("add", "sum", "mean", "max", "min")
 
-OP_ATTR = "exprune"
 # layer type -> (linear applied after aggregation, linear on the node itself or None, bias owner, bias name)
 LAYERS: dict[type, tuple[str, str | None, str, str]] = {
     GCNConv: ("lin", None, "", "bias"),
@@ -70,15 +71,11 @@ def _layer(module: nn.Module) -> tuple | None:
     return None
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 # ---------------------------------------------------------------------------------------------
 # The op
 # ---------------------------------------------------------------------------------------------
 
-class MessagePassingENPOp(ENPOp):
+class MessagePassingENPOp(ENPBase):
     """ENP for GCNConv / SAGEConv / GraphConv -> [BN] -> ReLU: aggregate, then the linear ENP.
 
     Called as ``op(x, edge_index=..., edge_weight=..., weight=..., root_weight=..., bias=...,
@@ -96,18 +93,14 @@ class MessagePassingENPOp(ENPOp):
         return f"site={self.site!r}, layer={self.layer}, rule={self.rule}, k={self.k}, n={self.n}"
 
     def aggregate(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
-        """The layer's aggregation applied to the raw features (what its linear part reads)."""
+        """The layer's aggregation applied to the raw features (what its linear part reads). GCNConv's
+        normalization is recomputed with ``gcn_norm`` on every call (its ``cached=True`` cache is
+        not read)."""
         conv = self.conv
         if isinstance(conv, GCNConv):
             if conv.normalize:
-                cache = conv._cached_edge_index
-                if cache is None:
-                    edge_index, edge_weight = gcn_norm(edge_index, edge_weight, x.size(conv.node_dim), conv.improved,
-                                                       conv.add_self_loops, conv.flow, x.dtype)
-                    if conv.cached:
-                        conv._cached_edge_index = (edge_index, edge_weight)
-                else:
-                    edge_index, edge_weight = cache
+                edge_index, edge_weight = gcn_norm(edge_index, edge_weight, x.size(conv.node_dim), conv.improved,
+                                                   conv.add_self_loops, conv.flow, x.dtype)
             return conv.propagate(edge_index, x=x, edge_weight=edge_weight)
         if isinstance(conv, GraphConv):
             return conv.propagate(edge_index, x=(x, x), edge_weight=edge_weight, size=None)
@@ -129,24 +122,8 @@ class MessagePassingENPOp(ENPOp):
             if q_k is not None:  # (a + b)^2 = a^2 + b^2 + 2ab, per term
                 q_k = (q_k + F.linear(x[:, :k] ** 2, root_weight[:, :k] ** 2)
                        + 2 * F.linear(agg[:, :k] * x[:, :k], weight[:, :k] * root_weight[:, :k]))
-        pre = s_k + rest
-        if bias is not None:
-            pre = pre + bias
-        if running_mean is not None:
-            pre = F.batch_norm(pre, running_mean, running_var, bn_weight, bn_bias, False, 0.0, self.eps)
-        full = torch.relu(pre)
-
-        stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, None)
-        predicted = self._predicted(stat, pre.shape[-1])
-        out = full.masked_fill(predicted, 0.0)
-
         terms = weight if root_weight is None else torch.stack((weight, root_weight), dim=-1)
-        overhead = 1 if self.rule == "threshold" else k + 3
-        self._count(terms, out.shape[0], (~predicted).sum(0), out.numel(), predicted.sum(), overhead)
-        if probe.is_recorded(self):
-            nnz_r = (terms[:, k:] != 0).flatten(1).sum(1)
-            probe.emit(self, out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
-                       save=nnz_r.expand_as(out), overhead=overhead)
+        out = self.predict(s_k, rest, q_k, terms, bias, running_mean, running_var, bn_weight, bn_bias)
         return self._finish(out, edge_index, nodes)
 
     def _operands(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, weight: Tensor,
@@ -179,6 +156,9 @@ class GINENPOp(MessagePassingENPOp):
         return self._rest(out)
 
     def _rest(self, h: Tensor) -> Tensor:
+        """``nn`` after the predicted block. A PyG ``MLP`` has no public entry point past its first
+        block (``MLP.forward`` runs them all), so its remaining blocks are run here in its order:
+        lin -> [act] -> norm -> [act] -> dropout, then the plain last layer."""
         net = self.conv.nn
         if self.tail >= 0:
             for module in list(net)[self.tail:]:
@@ -249,18 +229,13 @@ def _nn_block(conv: GINConv | EdgeConv) -> tuple[str, str | None, int] | str:
 # Site matching
 # ---------------------------------------------------------------------------------------------
 
-def _shape(node: Any) -> tuple | None:
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
 def _call_inputs(node: fx.Node, conv: nn.Module) -> dict | str:
     """x, edge_index, edge_weight of a layer call, or the reason the call is not supported."""
     names = ("x", "edge_index", "edge_weight" if isinstance(conv, (GCNConv, GraphConv)) else "size", "size")
     given = dict(zip(names, node.args))
     given.update(node.kwargs)
     x, edge_index = given.get("x"), given.get("edge_index")
-    if _shape(x) is None or len(_shape(x)) != 2:
+    if tensor_shape(x) is None or len(tensor_shape(x)) != 2:
         return "node features are not one 2-D tensor (bipartite or tuple inputs are not supported)"
     tm = edge_index.meta.get("tensor_meta") if isinstance(edge_index, fx.Node) else None
     if tm is None or getattr(tm, "dtype", None) != torch.long or len(tm.shape) != 2:
@@ -305,32 +280,10 @@ def _batchnorm(node: fx.Node, modules: dict) -> str | None:
     """Module path of the BatchNorm1d (track_running_stats) a node calls, PyG's wrapper included."""
     m = modules.get(node.target) if node.op == "call_module" else None
     if isinstance(m, pyg_norm.BatchNorm):
-        return _join(node.target, "module") if m.module.track_running_stats else None
+        return join_path(node.target, "module") if m.module.track_running_stats else None
     if isinstance(m, nn.BatchNorm1d) and m.track_running_stats:
         return node.target
     return None
-
-
-def _follow(node: fx.Node, modules: dict) -> tuple[list[fx.Node], str | None, str]:
-    """conv -> [transparent]* -> [BN] -> [transparent]* -> ReLU: (chain, bn path, reason if not)."""
-    chain, bn = [node], None
-    while True:
-        users = list(chain[-1].users)
-        if len(users) != 1:
-            return chain, bn, f"'{chain[-1].name}' has {len(users)} users (the chain to ReLU must be single-use)"
-        nxt = users[0]
-        if nxt.op == "output":
-            return chain, bn, "output feeds the model output (no ReLU)"
-        if is_transparent(nxt, modules):
-            chain.append(nxt)
-        elif bn is None and _batchnorm(nxt, modules) and nxt.args[0] is chain[-1]:
-            bn = _batchnorm(nxt, modules)
-            chain.append(nxt)
-        elif is_relu(nxt, modules):
-            return chain + [nxt], bn, ""
-        else:
-            what = type(modules[nxt.target]).__name__ if nxt.op == "call_module" else getattr(nxt.target, "__name__", nxt.target)
-            return chain, bn, f"followed by {what}, not ReLU"
 
 
 def find_sites(gm: fx.GraphModule, spaces: list) -> tuple[list[Site], list[Rejected]]:
@@ -367,9 +320,9 @@ def _match(node: fx.Node, conv: nn.Module, layer: tuple, modules: dict, spaces: 
     rel, root, _, _ = layer
     weight = getattr(conv, rel).weight
     n = weight.shape[1]
-    keys = [_join(node.target, rel, "weight")]
+    keys = [join_path(node.target, rel, "weight")]
     if root is not None and getattr(conv, root, None) is not None:
-        keys.append(_join(node.target, root, "weight"))
+        keys.append(join_path(node.target, root, "weight"))
     found = [_reduction_space(spaces, key, n) for key in keys]
     if any(isinstance(f, str) for f in found):
         return next(f for f in found if isinstance(f, str))
@@ -377,15 +330,14 @@ def _match(node: fx.Node, conv: nn.Module, layer: tuple, modules: dict, spaces: 
         return "the aggregated and the root features are different spaces"
     if n < 2:
         return "reduction size < 2"
-    chain, bn, reason = _follow(node, modules)
-    if reason:
-        return reason
-    out_shape = _shape(node)
+    chain = match_chain(node, modules, batchnorm=_batchnorm, residual=False)
+    if isinstance(chain, str) or chain.act is None:
+        return NO_RELU if not isinstance(chain, str) else chain
+    out_shape = tensor_shape(node)
     macs = math.prod(out_shape) * n * len(keys)
-    pattern = "-".join([type(conv).__name__.lower()] + (["bn"] if bn else []) + ["relu"])
-    return Site(name=node.target, kind="enp", n=n, pattern=pattern, op="message_passing", node=node.name,
-                space=found[0].id, macs=macs, out_shape=out_shape, bn=bn, act=chain[-1].name,
-                skipped=[c.name for c in chain[1:-1] if is_transparent(c, modules)])
+    pattern = "-".join([type(conv).__name__.lower(), *chain.parts])
+    return site_from_chain(chain, name=node.target, n=n, pattern=pattern, op="message_passing", space=found[0].id,
+                           macs=macs, out_shape=out_shape)
 
 
 def _match_nn_block(node: fx.Node, conv: GINConv | EdgeConv, spaces: list) -> Site | str:
@@ -401,18 +353,18 @@ def _match_nn_block(node: fx.Node, conv: GINConv | EdgeConv, spaces: list) -> Si
         return block if isinstance(block, str) else inputs
     lin, bn, _ = block
     weight = conv.get_submodule(lin).weight
-    key = _join(node.target, lin, "weight")
+    key = join_path(node.target, lin, "weight")
     n = weight.shape[1] // 2 if edge else weight.shape[1]
     space = _pair_space(spaces, key, n) if edge else _reduction_space(spaces, key, n)
     if isinstance(space, str):
         return space
     if n < 2:
         return "reduction size < 2"
-    rows = _shape(inputs["edge_index"])[1] if edge else _shape(inputs["x"])[0]
+    rows = tensor_shape(inputs["edge_index"])[1] if edge else tensor_shape(inputs["x"])[0]
     pattern = type(conv).__name__.lower() + "-linear" + ("-bn" if bn else "") + "-relu"
-    return Site(name=node.target, kind="enp", n=n, pattern=pattern, op="message_passing", node=node.name,
+    return Site(name=node.target, kind="enp", n=n, pattern=pattern, op="message_passing", node=node,
                 space=space.id, macs=rows * weight.numel(), out_shape=(rows, weight.shape[0]),
-                bn=_join(node.target, bn) if bn else None)
+                bn=join_path(node.target, bn) if bn else None, chain=[node])  # the ReLU is inside the layer
 
 
 def _pair_space(spaces: list, key: str, c: int):
@@ -431,45 +383,22 @@ def _pair_space(spaces: list, key: str, c: int):
 
 def inject_site(gm: fx.GraphModule, site: Site, modules: dict, config: ExPruneConfig) -> MessagePassingENPOp:
     """Replace the chain of one PyG site with a MessagePassingENPOp registered at ``<layer>.exprune``."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    first = nodes[site.node]
-    conv = modules[site.name]
-    bn = gm.get_submodule(site.bn) if site.bn else None
-    if bn is not None and bn.training:
-        raise WrapError(f"BatchNorm '{site.bn}' (after PyG layer '{site.name}') is in training mode; ExPrune folds its "
-                        f"running statistics: call model.eval() before wrapping with exprune=")
-    knobs = dict(eps=bn.eps if bn is not None else None, threshold=config.threshold_of(site.name),
-                 alpha=config.alpha_of(site.name))
+    first, conv = site.node, modules[site.name]
+    bn = folded_batchnorm(gm, site)
+    args = dict(eps=bn.eps if bn is not None else None, **knobs(config, site))
     if isinstance(conv, (GINConv, EdgeConv)):  # the ReLU is inside the layer: the chain is the layer call
         lin, _, tail = _nn_block(conv)
-        chain = [first]
         op_type = EdgeConvENPOp if isinstance(conv, EdgeConv) else GINENPOp
-        op = op_type(site.name, conv, config.rule, config.k, site.n, tail=tail, **knobs)
-        attrs = {"weight": _join(site.name, lin, "weight"), "bias": _join(site.name, lin, "bias")}
+        op = op_type(site.name, conv, config.rule, config.k, site.n, tail=tail, **args)
+        params = {"weight": join_path(site.name, lin, "weight"), "bias": join_path(site.name, lin, "bias")}
     else:
-        chain, _, _ = _follow(first, modules)
-        op = MessagePassingENPOp(site.name, conv, config.rule, config.k, site.n, **knobs)
+        op = MessagePassingENPOp(site.name, conv, config.rule, config.k, site.n, **args)
         rel, root, bias_owner, bias_name = _layer(conv)
-        attrs = {"weight": _join(site.name, rel, "weight"), "bias": _join(site.name, bias_owner, bias_name)}
+        params = {"weight": join_path(site.name, rel, "weight"), "bias": join_path(site.name, bias_owner, bias_name)}
         if root is not None and getattr(conv, root, None) is not None:
-            attrs["root_weight"] = _join(site.name, root, "weight")
-    op.train(conv.training)
-    conv.add_module(OP_ATTR, op)
+            params["root_weight"] = join_path(site.name, root, "weight")
     inputs = _call_inputs(first, conv)
-    op.chain = record_chain(chain, inputs)
-    if site.bn:
-        attrs.update(running_mean=f"{site.bn}.running_mean", running_var=f"{site.bn}.running_var",
-                     bn_weight=f"{site.bn}.weight", bn_bias=f"{site.bn}.bias")
-    graph, last = gm.graph, chain[-1]
-    with graph.inserting_before(last):
-        kwargs = {k: v for k, v in inputs.items() if k != "x" and v is not None}
-        for name, path in attrs.items():
-            owner, _, attr = path.rpartition(".")
-            if getattr(gm.get_submodule(owner), attr, None) is not None:
-                kwargs[name] = graph.get_attr(path)
-        new = graph.call_module(_join(site.name, OP_ATTR), (inputs["x"],), kwargs)
-    new.meta = dict(last.meta)
-    last.replace_all_uses_with(new)
-    for node in reversed(chain):
-        graph.erase_node(node)
+    kwargs = {k: v for k, v in inputs.items() if k != "x" and v is not None}
+    kwargs.update({name: Param(path) for name, path in params.items()}, **batchnorm_params(site))
+    replace_chain(gm, site.chain, attach_op(gm, site.name, op), (inputs["x"],), kwargs)
     return op

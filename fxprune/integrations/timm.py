@@ -39,7 +39,7 @@ from fxprune.capture import LeafPolicy
 from fxprune.plugins import Integration
 
 if TYPE_CHECKING:
-    from fxprune.analysis import GateTarget
+    from fxprune.hyperflux.targets import GateTarget
 
 __all__ = ["INTEGRATION", "create_model", "leaf_policy", "reset_eval_caches", "gate_filter", "example_inputs",
            "RULES", "TRACE_THROUGH", "EXTRA_LEAVES"]
