@@ -62,9 +62,10 @@ def compiled_call_paths_off(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def tensor_state_only() -> Iterator[None]:
-    """While inside the block, ``torch.jit.trace`` sees only the tensors of a module's state_dict.
+    """While inside the block, ``torch.jit._get_trace_graph`` (fvcore's trace) sees only the
+    tensors of a module's state_dict.
 
-    The tracer reads a module's state through ``torch.jit._trace._unique_state_dict`` and feeds
+    That tracer reads a module's state through ``torch.jit._trace._unique_state_dict`` and feeds
     every value to the graph as an input, which fails on non-tensor extra state (a
     ``get_extra_state`` that returns a dict, as some user modules do); the block hides those values.
     """
@@ -105,12 +106,13 @@ def name_traced_value(tensor: torch.Tensor, name: str) -> None:
     """Set the debug name of the traced graph value of ``tensor`` (inside ``torch.jit.trace``).
 
     Handles of fvcore's ``FlopCountAnalysis`` see it as ``outputs[0].debugName()`` (torch may
-    append ``.<n>`` to keep names unique). Raises RuntimeError when ``tensor`` is not traced.
+    append ``.<n>`` to keep names unique). Call it only while tracing (:func:`is_tracing`): torch
+    does not check, and outside a trace the call crashes the process.
     """
     torch._C._get_value_trace(tensor).setDebugName(name)
 
 
 def fvcore_op_handles(analysis: Any) -> dict:
     """The op handles a fvcore ``FlopCountAnalysis`` currently uses (fvcore's defaults plus those
-    set with ``set_op_handle``), ``{"aten::conv": handle or None}``."""
+    set with ``set_op_handle``), ``{"aten::_convolution": handle}``."""
     return dict(analysis._op_handles)
