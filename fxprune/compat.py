@@ -10,12 +10,13 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 # torch.fx guards an argument traced as None (``concrete_args``) with a call to this function.
 from torch.fx._symbolic_trace import _assert_is_none as fx_assert_is_none  # noqa: F401
 
-__all__ = ["fx_assert_is_none", "ConvNd", "NormBase", "restore_base_class", "compiled_original",
+__all__ = ["fx_assert_is_none", "ConvNd", "NormBase", "restore_base_class", "rebase_graph_module", "compiled_original",
            "compiled_call_paths_off", "tensor_state_only", "is_tracing", "outside_trace", "name_traced_value",
            "fvcore_op_handles"]
 
@@ -35,6 +36,15 @@ def restore_base_class(module: nn.Module) -> None:
     (``remove_parametrizations`` edits it). The caller also removes ``module.parametrizations``.
     """
     module.__class__ = type(module).__bases__[0]
+
+
+def rebase_graph_module(gm: fx.GraphModule, cls: type) -> None:
+    """Make ``gm`` an instance of ``cls`` (a GraphModule subclass), keeping its generated forward.
+
+    Every GraphModule instance has its own generated class (``GraphModuleImpl``) that holds the
+    ``forward`` compiled from its graph; ``gm`` gets a fresh subclass of ``cls`` holding that forward.
+    """
+    gm.__class__ = type("GraphModuleImpl", (cls,), {"forward": type(gm).forward})
 
 
 def compiled_original(model: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compat import compiled_original, restore_base_class
+from .compat import compiled_original, rebase_graph_module, restore_base_class
 from .errors import ConfigError
 
 
@@ -94,7 +94,7 @@ def _strip_parametrizations(module: nn.Module) -> tuple[nn.Module, list]:
 
 def _rebuild_wrapped(fn, args, gates=()) -> WrappedModule:
     module = fn(*args)
-    module.__class__ = type("GraphModuleImpl", (WrappedModule,), {"forward": type(module).forward})
+    rebase_graph_module(module, WrappedModule)
     for path, name, plist in gates:
         owner = module.get_submodule(path)
         for p in plist:

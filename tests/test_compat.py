@@ -54,6 +54,21 @@ def test_restore_base_class_undoes_parametrize_on_one_instance_only():
     assert torch.equal(original.weight, 2 * original.parametrizations.weight.original)
 
 
+def test_each_graph_module_holds_its_forward_in_its_own_class():
+    class Tagged(fx.GraphModule):
+        pass
+
+    model, x = nn.Sequential(nn.Linear(3, 2), nn.ReLU()), torch.randn(4, 3)
+    gm = fx.symbolic_trace(model)
+    assert type(gm) is not fx.GraphModule and type(gm).__bases__ == (fx.GraphModule,)
+    assert "forward" in vars(type(gm))
+    other = fx.symbolic_trace(model)
+    assert type(other) is not type(gm)
+    compat.rebase_graph_module(gm, Tagged)
+    assert isinstance(gm, Tagged) and type(gm) is not Tagged
+    assert torch.equal(gm(x), model(x))
+
+
 def test_compiled_original_is_the_module_torch_compile_wraps():
     model = nn.Linear(3, 2)
     assert compat.compiled_original(torch.compile(model)) is model  # compiles nothing until called
