@@ -17,7 +17,8 @@ __version__ = "0.3.0"
 # fxprune stays cheap and each stage stays in its own module.
 _LAZY = {
     "HyperfluxConfig": ("fxprune.hyperflux.config", "HyperfluxConfig"),
-    "export": ("fxprune.exporting", "export"),
+    "export": ("fxprune.exporting", "export"),  # module `exporting`: a submodule `export` would replace the function
+    "ExportError": ("fxprune.exporting", "ExportError"),
     "ExPruneConfig": ("fxprune.exprune.config", "ExPruneConfig"),
     "calibrate": ("fxprune.exprune.calibrate", "calibrate"),
 }
