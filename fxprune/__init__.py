@@ -8,8 +8,8 @@ from importlib import import_module as _import_module
 from .analysis import register_rule
 from .capture import register_leaf_module
 from .errors import ConfigError, FxpruneError, NameClashError, ShapeError, TraceError, WrapError
-from .flops import FlopReport, flops  # eager: the function must shadow the submodule of the same name
 from .pipeline import Analysis, analyze
+from .report import FlopReport, flops
 from .wrap import wrap
 
 __version__ = "0.3.0"
@@ -18,7 +18,8 @@ __version__ = "0.3.0"
 # fxprune stays cheap and each stage stays in its own module.
 _LAZY = {
     "HyperfluxConfig": ("fxprune.hyperflux.config", "HyperfluxConfig"),
-    "export": ("fxprune.hyperflux.export", "export"),
+    "export": ("fxprune.exporting", "export"),  # module `exporting`: a submodule `export` would replace the function
+    "ExportError": ("fxprune.exporting", "ExportError"),
     "ExPruneConfig": ("fxprune.exprune.config", "ExPruneConfig"),
     "calibrate": ("fxprune.exprune.calibrate", "calibrate"),
 }

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx._symbolic_trace import _assert_is_none
+from .compat import fx_assert_is_none as _assert_is_none
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.fx.passes.shape_prop import ShapeProp
 

@@ -7,6 +7,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .compat import compiled_original, rebase_graph_module, restore_base_class
 from .errors import ConfigError
 
 
@@ -86,16 +87,14 @@ def _strip_parametrizations(module: nn.Module) -> tuple[nn.Module, list]:
         for name, plist in list(sub.parametrizations.items()):
             gates.append((path, name, list(plist)))
             sub._parameters[name] = plist.original
-        # undo the class swap on this instance only: remove_parametrizations would edit the
-        # dynamically created class, which the original module shares
-        sub.__class__ = sub.__class__.__bases__[0]
+        restore_base_class(sub)  # this instance only: the original module shares the generated class
         del sub._modules["parametrizations"]
     return clone, gates
 
 
 def _rebuild_wrapped(fn, args, gates=()) -> WrappedModule:
     module = fn(*args)
-    module.__class__ = type("GraphModuleImpl", (WrappedModule,), {"forward": type(module).forward})
+    rebase_graph_module(module, WrappedModule)
     for path, name, plist in gates:
         owner = module.get_submodule(path)
         for p in plist:
@@ -105,5 +104,5 @@ def _rebuild_wrapped(fn, args, gates=()) -> WrappedModule:
 
 def is_wrapped(model: nn.Module) -> bool:
     """True when ``model`` (or the module a torch.compile wrapper holds) was made by fxprune.wrap."""
-    inner = getattr(model, "_orig_mod", model)
+    inner = compiled_original(model)
     return isinstance(getattr(inner, "_modules", {}).get("fxprune"), Controller)

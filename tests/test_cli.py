@@ -11,7 +11,7 @@ import torch
 
 import fxprune
 from fxprune.app.cli import main
-from fxprune.flops import flops
+from fxprune.report import flops
 from fxprune.app.models import build, parse_shape, ModelSpecError
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "fxprune")

@@ -1,4 +1,4 @@
-"""fxprune.flops: dense = fvcore, effective = hand counts on toy models, report schema."""
+"""fxprune.flops (fxprune.report): dense = fvcore, effective = hand counts on toy models, report schema."""
 import importlib
 import json
 import math
@@ -11,15 +11,14 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.flops import FlopCountError, FlopReport, flop_handles, flops
+from fxprune.report import FlopCountError, FlopReport, flops, register_flop_handle
+from fxprune.report import handles as handles_module
 from hyperflux_models import WeightMask
 
 
-def fvcore_total(model, inputs, extra=True):
-    fca = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    if extra:
-        fca.set_op_handle(**flop_handles())
-    return fca.total()
+def fvcore_total(model, inputs):
+    """Plain fvcore, without fxprune's handles."""
+    return FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,11 +36,10 @@ def test_dense_equals_fvcore_on_timm(name, kwargs, size):
     report = flops(model, x, name=name)
     assert report.effective == report.dense and report.saved == 0.0
     if name.startswith("vit"):  # fvcore alone misses attention: 2 blocks x 3 heads x L=S=5 x (64 + 64)
-        assert report.dense == fvcore_total(model, (x,))
-        assert report.dense - fvcore_total(model, (x,), extra=False) == 2 * 3 * 5 * 5 * 128
+        assert report.dense - fvcore_total(model, (x,)) == 2 * 3 * 5 * 5 * 128
         assert "aten::scaled_dot_product_attention" not in report.unsupported_ops
     else:  # no op with an extra handle: plain fvcore agrees
-        assert report.dense == fvcore_total(model, (x,), extra=False)
+        assert report.dense == fvcore_total(model, (x,))
     assert sum(c.dense for k, c in report.by_module(depth=1).items() if k) <= report.dense
 
 
@@ -219,15 +217,36 @@ def test_only_innermost_exprune_ops_are_read():
     assert r.dense == CONV + FC and not r.notes
 
 
+class TwoConvs(nn.Module):
+    """conv2 -> relu is an ExPrune site (conv1 reduces over the model input: no site)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+CONV2 = 2 * (8 * 8 * 3 * 3) * (8 * 8)  # batch 2: 73728 MACs
+
+
 def test_wrapped_model_that_prunes_nothing():
-    config = fxprune.ExPruneConfig()
-    model = _toy()
+    config = fxprune.ExPruneConfig(k=4)  # the safe setting: T = -inf, no test runs, nothing skipped
+    torch.manual_seed(0)
+    model = TwoConvs().eval()
     x = torch.randn(2, 3, 8, 8)
     wrapped = fxprune.wrap(model, x, exprune=config)
     r = flops(wrapped, x)
     overhead = sum(c.effective - c.dense for c in r.exprune_ops.values())
+    assert list(r.exprune_ops) == ["conv2.exprune"] and r.exprune_ops["conv2.exprune"] == (CONV2, CONV2)
     assert r.dense == flops(model, x).dense
     assert r.effective == pytest.approx(r.dense + overhead)
+    assert r.effective == r.dense and r.by_module()["conv2.exprune"] == (CONV2, CONV2)
 
 
 def test_hyperflux_gates_close_weights():
@@ -255,18 +274,16 @@ def test_sdpa_handle_hand_count():
 
 
 def test_register_flop_handle(monkeypatch):
-    flops_module = importlib.import_module("fxprune.flops")  # the module, not the function
-
-    monkeypatch.setattr(flops_module, "_REGISTERED_HANDLES", {})
+    monkeypatch.setattr(handles_module, "REGISTERED_HANDLES", {})  # registrations end with the test
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)).eval()
     x = torch.randn(1, 3, 10, 10)
     assert "aten::max_pool2d" in flops(model, x).unsupported_ops
     # one comparison per window element beyond the first: 4 channels x 4 x 4 outputs x 3
-    flops_module.register_flop_handle("aten::max_pool2d", lambda inputs, outputs: 4 * 4 * 4 * 3)
+    register_flop_handle("aten::max_pool2d", lambda inputs, outputs: 4 * 4 * 4 * 3)
     r = flops(model, x)
     assert "aten::max_pool2d" not in r.unsupported_ops and r.by_operator()["max_pool2d"].dense == 192
     with pytest.raises(ConfigError):
-        flops_module.register_flop_handle("max_pool2d", None)
+        register_flop_handle("max_pool2d", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +354,7 @@ def test_errors():
 
 
 def test_fxprune_flops_is_callable_even_after_submodule_import():
-    importlib.import_module("fxprune.flops")
+    for module in ("fxprune.report", "fxprune.report.count", "fxprune.report.flop_report"):
+        importlib.import_module(module)
     r = fxprune.flops(_toy(), torch.randn(2, 3, 8, 8))
     assert r.dense == CONV + FC and math.isclose(r.saved, 0.0)

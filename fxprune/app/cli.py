@@ -129,7 +129,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_flops(args) -> int:
-    from ..flops import FlopReport, flops
+    from ..report import FlopReport, flops
 
     if args.depth < 0:
         raise ConfigError(f"--depth must be >= 0, got {args.depth}")

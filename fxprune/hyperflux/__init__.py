@@ -6,14 +6,14 @@
 - :func:`apply_hyperflux` (``inject.py``): puts gates (parametrizations) on the chosen targets, or
   on whole channel spaces, and returns the :class:`HyperfluxRuntime` that trains them (``runtime.py``,
   ``gate.py``, ``scheduler.py``).
-- ``export`` (``export.py``, public as ``fxprune.export``) removes what the gates closed.
+- :mod:`fxprune.hyperflux.fold` folds the gates (closed positions, parametrizations) for
+  ``fxprune.export`` (:mod:`fxprune.exporting`, stage 5, with ``ExportError``), which builds the plain model.
 """
 from .config import HyperfluxConfig
-from .export import ExportError
 from .inject import apply_hyperflux
 from .law import PruningLawFit, fit_pruning_law, plot_pruning_law
 from .runtime import HyperfluxRuntime
 from .targets import GateTarget, find_gate_targets, register_gate_finder
 
-__all__ = ["HyperfluxConfig", "HyperfluxRuntime", "apply_hyperflux", "ExportError", "PruningLawFit",
+__all__ = ["HyperfluxConfig", "HyperfluxRuntime", "apply_hyperflux", "PruningLawFit",
            "fit_pruning_law", "plot_pruning_law", "GateTarget", "find_gate_targets", "register_gate_finder"]
