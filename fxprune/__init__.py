@@ -1,7 +1,11 @@
 """fxprune: graph-level pruning for PyTorch models, built on torch.fx.
 
-Public surface (see README): ``wrap``, ``analyze``, ``HyperfluxConfig``, ``ExPruneConfig``,
-``calibrate``, ``flops``, ``export``, ``register_rule``, ``register_leaf_module``.
+Public surface (see README): ``wrap``, ``analyze`` (``Analysis``), ``HyperfluxConfig``,
+``ExPruneConfig``, ``calibrate``, ``flops`` (``FlopReport``), ``export`` (``ExportError``),
+``register_rule``, ``register_leaf_module`` and the errors. Stages, in the order data flows:
+``capture`` -> ``analysis`` -> ``exprune`` / ``hyperflux`` -> ``runtime`` -> ``report`` /
+``exporting``; ``wrap`` and ``pipeline`` compose them; ``plugins`` loads the integrations
+(``fxprune.integrations``); ``fxprune.app`` holds the CLI and the demo and is never imported here.
 """
 from importlib import import_module as _import_module
 

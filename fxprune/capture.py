@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from .compat import fx_assert_is_none as _assert_is_none
+from .compat import fx_assert_is_none
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -186,7 +186,7 @@ def _guard_concrete_args(graph: fx.Graph, concrete: dict[str, Any]) -> None:
         for user in list(node.users):
             for guard in [u for u in user.users if u.op == "call_function" and u.target is torch._assert]:
                 graph.erase_node(guard)
-            if user.op == "call_function" and user.target in (_assert_is_none, operator.eq) and not user.users:
+            if user.op == "call_function" and user.target in (fx_assert_is_none, operator.eq) and not user.users:
                 graph.erase_node(user)
         with graph.inserting_after(anchor):
             anchor = graph.call_function(check_default, (node, base, concrete[base]))

@@ -12,6 +12,7 @@ from torch import nn
 from . import plugins
 from .pipeline import analyze
 from .capture import check_names, normalize_inputs
+from .compat import compiled_original
 from .errors import ConfigError, ShapeError, WrapError
 from .runtime import Controller, WrappedModule, is_wrapped
 
@@ -67,7 +68,7 @@ def wrap(
             f"{type(model).__name__} is already wrapped by fxprune (it has a .fxprune controller). "
             f"Wrap the original model once with both configs, or call fxprune.export(model) first."
         )
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: wrap what it holds
+    model = compiled_original(model)  # a torch.compile wrapper: wrap what it holds
     _check_config(hyperflux, "hyperflux", "HyperfluxConfig")
     _check_config(exprune, "exprune", "ExPruneConfig")
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)

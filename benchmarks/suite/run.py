@@ -70,6 +70,14 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file whose sections to replace (default BENCHMARKS.md; --quick: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2, 1 when busy)")
+    p.add_argument("--weight-targets", nargs="+", type=float, default=None,
+                   help="weight section: target sparsities (fractions; default 0.9 0.95 0.98)")
+    p.add_argument("--weight-epochs", nargs="+", type=int, default=None,
+                   help="weight section: fine-tuning epochs (default 1 3 10)")
+    p.add_argument("--channel-targets", nargs="+", type=float, default=None,
+                   help="channel section: fractions of MACs removed (default 0.5 0.7)")
+    p.add_argument("--max-drops", nargs="+", type=float, default=None,
+                   help="exprune section: calibration budgets (fractions; default 0.001 0.005 0.01)")
     args = p.parse_args(argv)
     args.models = args.models or list(QUICK_MODELS if args.quick else models.ALL)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -84,7 +92,10 @@ class Suite:
     def __init__(self, args: argparse.Namespace, argv):
         self.args, self.argv = args, argv
         self.sizes = QUICK if args.quick else FULL
-        self.grid = GRID_QUICK if args.quick else GRID_FULL
+        self.grid = dict(GRID_QUICK if args.quick else GRID_FULL)
+        for key in ("weight_targets", "weight_epochs", "channel_targets", "max_drops"):
+            if getattr(args, key) is not None:
+                self.grid[key] = tuple(getattr(args, key))
         self.results_dir = REPO / ".bench" / ("quick" if args.quick else "") / "results"
         self.plots_dir = REPO / ".bench" / "quick" / "plots" if args.quick else report.PLOTS_DIR
         self._splits: dict = {}

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...compat import compiled_original
 from ...errors import ConfigError
 from ..ops import ExPruneOp
 from .batches import batch_reader
@@ -95,7 +96,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     if objective not in OBJECTIVES:
         raise ConfigError(f"calibrate: objective must be one of {OBJECTIVES}, got {objective!r}")
     ops = find_ops(model)
-    inner = getattr(model, "_orig_mod", model)
+    inner = compiled_original(model)
     read = batch_reader(inner, batch_inputs)
     model.eval()
     _apply(ops, {}, {})
@@ -125,7 +126,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
 
 def find_ops(model: nn.Module) -> dict[str, ExPruneOp]:
     """Site name -> ExPrune op of a wrapped model."""
-    inner = getattr(model, "_orig_mod", model)
+    inner = compiled_original(model)
     ops = {m.site: m for m in inner.modules() if isinstance(m, ExPruneOp)}
     if not ops:
         raise ConfigError(f"calibrate: {type(inner).__name__} has no ExPrune ops; wrap it first with "
