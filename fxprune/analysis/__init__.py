@@ -1,8 +1,8 @@
 """Analysis: the channel spaces of a captured model (stage 2 of capture -> analysis -> transforms).
 
 ``analyze_graph(gm)`` builds the channel spaces of a captured GraphModule (``spaces.py``, driven by
-the axis-rule registry in ``rules.py``) and returns them as :class:`ChannelSpaces`. Every node gets
-``node.meta["fxprune_axes"]`` and ``node.meta["fxprune_spaces"]``. ``nodes.py`` holds the node
+the per-op axis rules of the ``rules`` package) and returns them as :class:`ChannelSpaces`. Every
+node gets ``node.meta["fxprune_axes"]`` and ``node.meta["fxprune_spaces"]``. ``nodes.py`` holds the node
 predicates the transforms share (conv/linear detection, dense MACs, recorded shapes).
 
 The analysis knows nothing of the transforms: ExPrune sites are found by

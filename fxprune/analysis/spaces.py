@@ -1,8 +1,8 @@
 """Channel spaces: union-find over the elements of every tensor axis and parameter axis.
 
 Every axis of every tensor in the graph (and every axis of every parameter/buffer) is a row of
-elements. Axis rules (``rules.py``) link elements that must be permuted together. A *fiber* is a
-connected component of elements: one channel, seen in every tensor and parameter it reaches.
+elements. Axis rules (the ``rules`` package) link elements that must be permuted together. A
+*fiber* is a connected component of elements: one channel, seen in every tensor and parameter it reaches.
 Fibers that reach the same axes (with the same multiplicities and marks) form one *space*: any
 permutation of those fibers, applied to every member at once, is a candidate symmetry. Element
 granularity makes slices, ``cat``, ``split`` and ``flatten`` exact: a space may sit at an offset
