@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import data as datasets
 from . import models
@@ -154,8 +155,11 @@ class Task:
         g = torch.Generator().manual_seed(seed)
         model.train()
         t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=f"{self.model_name} {'dense' if dense else 'fine-tune'}", unit="step",
+                   leave=False, mininterval=30)
         for _ in range(epochs):
             for inputs, target in self.batches(self.train, shuffle=True, generator=g):
+                bar.update()
                 loss = self.loss(model, inputs, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -163,6 +167,7 @@ class Task:
                 sched.step()
                 if after_step is not None:
                     after_step()
+        bar.close()
         model.eval()
         return time.perf_counter() - t0
 
