@@ -81,7 +81,7 @@ def exprune_table(rows: list[dict]) -> list[str]:
              "|:--|--:|:--|--:|--:|--:|--:|--:|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["max_drop"])):
         lines.append(f"| {r['model']} | {100 * r['max_drop']:.1f} pt | {r.get('guarantee', '-')} | "
-                     f"{pct(r, 'dense_accuracy')} | {100 * r['drop']:+.2f} pt | {pct(r, 'test_worse')} | "
+                     f"{pct(r, 'dense_accuracy')} | {100 * r['drop']:+.2f} pt | {pct(r, 'test_worse') if 'test_worse' in r else '-'} | "
                      f"{pct(r, 'saved', 1)} | {r['seconds']:.0f} |")
     return lines + ["", PAPER_V2, ""]
 
