@@ -1,16 +1,13 @@
 """calibrate(confidence=...): the binomial arithmetic, honest refusals, the guarantee's failure rate on a
 synthetic path with known loss rates, and calibrate end-to-end with the guarantee on and off."""
 import copy
-import functools
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from torch import nn
 
 import fxprune
 from fxprune.errors import ConfigError
@@ -18,6 +15,8 @@ from fxprune.exprune import ExPruneConfig, apply_exprune
 from fxprune.exprune.calibrate import CalibrationResult, calibrate, samples_needed
 from fxprune.exprune.calibrate.guarantee import (binomial_p_value, certifiable_losses, certified_search, held_out,
                                                  loss_upper_bound, tightest_budget)
+from fxprune.exprune.calibrate.search import verified_search
+from test_exprune_calibrate import blobs, trained_mlp  # the calibrate tests' data and model
 
 
 # -- arithmetic against scipy.stats.binom ---------------------------------------------------------------
@@ -93,7 +92,6 @@ def run_synthetic(draws: int, confidence: float | None, seed: int = 0):
         penalty = rates.tolist()  # a predictor proportional to the risk
         saved = torch.arange(positions + 1, dtype=torch.float64).tolist()
         if confidence is None:  # the budget on the search samples only (what confidence=None does)
-            from fxprune.exprune.calibrate.search import verified_search
             position = verified_search(lambda p: measure(p)[0], penalty, saved, max_drop, None, 8, 0.0)
         else:
             position = certified_search(measure, penalty, saved, n, max_drop, confidence, None, 8, 0.0).position
@@ -116,28 +114,8 @@ def test_guarantee_fails_no_more_often_than_the_confidence_allows():
 
 # -- calibrate end-to-end -------------------------------------------------------------------------------
 
-def blobs(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(4, 8, generator=torch.Generator().manual_seed(7)) * 1.2
-    y = torch.randint(0, 4, (n,), generator=g)
-    return centers[y] + torch.randn(n, 8, generator=g), y
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    x, y = blobs(800, 0)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
 def tiny_wrapped(threshold=None):
-    a = fxprune.analyze(copy.deepcopy(tiny_model()), blobs(4, 1)[0])
+    a = fxprune.analyze(copy.deepcopy(trained_mlp()), blobs(4, 1)[0])
     rt = apply_exprune(a.graph_module, ExPruneConfig(k=8) if threshold is None else ExPruneConfig(k=8, threshold=threshold))
     return a.graph_module, rt
 
