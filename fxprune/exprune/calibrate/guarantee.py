@@ -171,8 +171,8 @@ class CalibrationResult(dict):
     - ``samples``: held-out samples that certify (with a guarantee), else the samples the metric scored
       (None for a float metric);
     - ``search_samples``: samples the probe and the search used;
-    - ``macs_saved_fraction``: effective MACs saved as a fraction of the dense MACs of the sites, as
-      predicted by the probe on the search batches;
+    - ``macs_saved_fraction``: effective MACs saved as a fraction of the sites' static MACs, counted
+      while ``metric_fn`` ran at the chosen allocation (the calibration data; 0.0 when nothing is pruned);
     - ``evaluations``: ``metric_fn`` calls of the search (the dense reference not counted).
     """
 
