@@ -70,7 +70,7 @@ def test_calibrate_respects_max_drop_and_sets_thresholds(rule, max_drop):
     metric = accuracy_on(x, y)
     dense = metric(gm)
     chosen = calibrate(gm, [(xb, yb) for xb, yb in zip(x.split(200), y.split(200))], metric, max_drop,
-                       progress=False)
+                       progress=False, confidence=None)  # a float metric: the budget on the calibration data
     assert set(chosen) == set(rt.ops)
     knobs = rt.thresholds() if rule == "threshold" else rt.alphas()
     assert all(same_knob(knobs[k], v) for k, v in chosen.items())
@@ -94,7 +94,7 @@ def test_calibrate_fisher_objective_on_a_regression_output():
         with torch.no_grad():
             return -F.mse_loss(m(x), ref).item()
 
-    calibrate(gm, x.split(100), neg_mse, max_drop=1e-3, progress=False)
+    calibrate(gm, x.split(100), neg_mse, max_drop=1e-3, progress=False, confidence=None)
     assert neg_mse(gm) >= -1e-3 - 1e-9
     rt.reset_stats()
     neg_mse(gm)

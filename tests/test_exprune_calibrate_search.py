@@ -175,7 +175,7 @@ def test_calibrate_a_two_input_model(two_input_model):
     pairs = list(zip(x.split(100), z.split(100)))
     with pytest.raises(ConfigError, match="two inputs"):
         calibrate(gm, pairs, agreement, 0.05, progress=False)
-    chosen = calibrate(gm, pairs, agreement, 0.05, batch_inputs=lambda b: b, progress=False)
+    chosen = calibrate(gm, pairs, agreement, 0.05, batch_inputs=lambda b: b, progress=False, confidence=None)
     assert agreement(gm) >= 0.95 - 1e-9 and any(torch.tensor(v).max() > -math.inf for v in chosen.values())
-    calibrate(gm, [((xb, zb), None) for xb, zb in pairs], agreement, 0.05, progress=False)
+    calibrate(gm, [((xb, zb), None) for xb, zb in pairs], agreement, 0.05, progress=False, confidence=None)
     assert agreement(gm) >= 0.95 - 1e-9

@@ -201,7 +201,7 @@ def test_calibrate_with_per_sample_scores_and_per_channel_results_round_trip():
             return (model(x).argmax(1) == y).float()
 
     dense = correct(gm)
-    chosen = calibrate(gm, batches, correct, 0.02, progress=False)
+    chosen = calibrate(gm, batches, correct, 0.02, progress=False, confidence=None)  # budget on these 600 samples
     assert rt.stats()["total"]["predicted"] == 0  # calibrate resets the counters
     assert float((dense - correct(gm)).clamp_min(0).mean()) <= 0.02 + 1e-9
     heads = [name for name, op in rt.ops.items() if op.kind == "head"]
@@ -213,7 +213,7 @@ def test_calibrate_with_per_sample_scores_and_per_channel_results_round_trip():
     assert torch.equal(rebuilt(x), expected)
 
     gm2, rt2 = wrapped()
-    per_site = calibrate(gm2, batches, accuracy_on(x, y), 0.02, progress=False, per_channel=False)
+    per_site = calibrate(gm2, batches, accuracy_on(x, y), 0.02, progress=False, per_channel=False, confidence=None)
     assert all(isinstance(v, float) for v in per_site.values())
 
 

@@ -56,7 +56,9 @@ class Settings:
     scheduler_interval: int = 6  # steps between pressure updates: close to the gates' reaction time
     target_sparsity: float = 0.9
     k: int = 16  # ExPrune: leading input channels summed before predicting
-    max_drop: float = 0.01  # ExPrune: allowed calibration-accuracy drop (fraction, 0.01 = 1 point)
+    max_drop: float = 0.01  # ExPrune: fraction of images allowed to get worse (0.01 = 1 in 100)
+    confidence: float | None = 0.9  # ExPrune: guarantee on new images (None, or too few or augmented
+    # calibration images: the budget holds on the calibration images only)
     calib_samples: int = 0  # 0: the whole calibration split
     calib_copies: int = 3  # augmented copies added to the calibration split (finer accuracy steps)
     flops_batch: int = 128  # test images the effective MACs are averaged over
@@ -179,6 +181,25 @@ def machine() -> str:
 
 # -- the demo ----------------------------------------------------------------------------------------
 
+def guarantee_confidence(s: Settings, images: int) -> float | None:
+    """``s.confidence`` when ``images`` calibration images can certify ``s.max_drop`` (half of them held
+    out), else None (budget on the calibration images only), with a log line saying why."""
+    from ..exprune.calibrate import samples_needed
+
+    if s.confidence is None:
+        return None
+    needed = 2 * samples_needed(s.max_drop, s.confidence)
+    if s.calib_copies:
+        why = "augmented copies of the calibration images are not independent samples"
+    elif images < needed:
+        why = (f"{images} calibration images; a {s.confidence:.0%} guarantee at max_drop {s.max_drop:g} needs "
+               f"{needed}")
+    else:
+        return s.confidence
+    log(f"exprune no guarantee on new images ({why}): the budget holds on the calibration images only")
+    return None
+
+
 def run(settings: Settings, out: Path, progress: bool = True) -> dict:
     """Run the demo, write the report and plots into ``out``, return the report (a dict)."""
     import fxprune
@@ -227,11 +248,12 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
 
     exp = fxprune.wrap(pruned, example, exprune=fxprune.ExPruneConfig(k=s.k, heads=True))
     t0 = time.perf_counter()
+    confidence = guarantee_confidence(s, len(calib))
     thresholds = fxprune.calibrate(exp, calib.batches(256), lambda m: correct(m, calib), max_drop=s.max_drop,
-                                   progress=progress)
+                                   confidence=confidence, progress=progress)
     timings["calibration_s"] = time.perf_counter() - t0
     log(f"exprune calibrated {len(exp.fxprune.exprune.ops)} sites on {len(calib)} images in "
-        f"{timings['calibration_s']:.0f} s (at most {100 * s.max_drop:g} % of calibration images made wrong)")
+        f"{timings['calibration_s']:.0f} s: {thresholds.summary()}")
 
     flops_x = data.test.x[:s.flops_batch]
     rows, reports = [], {}
@@ -258,7 +280,11 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
     report = {
         "settings": asdict(s), "dataset": data.describe(), "machine": machine(), "rows": rows, "timings": timings,
         "hyperflux": {"sparsity": hyper.fxprune.sparsity(), "history": runtime.history, "curve": curve},
-        "exprune": {"thresholds": thresholds, "skipped": exp.fxprune.exprune.skipped},
+        "exprune": {"thresholds": dict(thresholds), "skipped": exp.fxprune.exprune.skipped,
+                    "calibration": {"confidence": thresholds.confidence, "max_drop": thresholds.max_drop,
+                                    "certified_bound": thresholds.certified_bound,
+                                    "point_estimate": thresholds.point_estimate, "samples": thresholds.samples,
+                                    "summary": thresholds.summary()}},
         "per_layer_macs": layers, "plots": [str(p) for p in plots],
         "note": "MACs per test image (1 MAC = one multiply-add). Effective MACs skip zero weights and "
                 "ExPrune-predicted outputs; eager dense kernels do not run faster, so latency is measured "
@@ -357,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and epochs (< 60 s, for smoke tests)")
     parser.add_argument("--dataset", choices=("digits", "synthetic"), default="digits")
     parser.add_argument("--target-sparsity", type=float, help="Hyperflux target, fraction (default 0.9)")
-    parser.add_argument("--max-drop", type=float, help="ExPrune calibration budget, accuracy fraction (default 0.01)")
+    parser.add_argument("--max-drop", type=float, help="ExPrune calibration budget: fraction of images allowed to "
+                        "get worse (default 0.01)")
+    parser.add_argument("--confidence", type=float, help="ExPrune: confidence of the guarantee on new images "
+                        "(default 0.9; 0: none, the budget holds on the calibration images only)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 2, or 1 when the machine is already busy)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -368,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.target_sparsity = args.target_sparsity
     if args.max_drop is not None:
         settings.max_drop = args.max_drop
+    if args.confidence is not None:
+        settings.confidence = args.confidence or None
     torch.set_num_threads(max(1, args.threads or default_threads()))
     report = run(settings, args.out, progress=not args.no_progress)
     print()

@@ -50,18 +50,21 @@ class ProbeResult(NamedTuple):
     tables: dict[str, SiteTable]  # site -> its table; sites never reached by a batch are absent
     margins: Tensor | None  # top1: (samples,) float64 dense margins; fisher: None
     harms: dict[str, ChannelHarm]  # sites whose statistic is a harm level (per-channel T) -> their model
+    batch_samples: list[int]  # samples (rows of the model output) of every batch, in order
+    held_out: list[bool]  # per batch: kept out of the tables (certification batches)
 
 
 def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable, read: Callable[[Any], tuple],
-                 objective: str, bins: int, seed: int, sample_limit: int, progress: bool, per_channel: bool
-                 ) -> ProbeResult:
+                 objective: str, bins: int, seed: int, sample_limit: int, progress: bool, per_channel: bool,
+                 held_out: Callable[[int], bool] = lambda index: False) -> ProbeResult:
     """One pass over ``batches`` (each read into inputs by ``read``) with nothing pruned.
 
     ``objective`` is "top1", "fisher" or "auto" (decided on the first batch: top1 for (samples,
     classes) outputs with every site batched like them); ``bins`` candidate cutoffs per site, placed
     on at most ``sample_limit`` statistic values of the first batch drawn with ``seed`` (which also
     seeds the fisher label draws); ``per_channel``: fit a :class:`ChannelHarm` for threshold-rule
-    sites that take per-channel T. Raises :class:`ConfigError` for objective "top1" on outputs that
+    sites that take per-channel T. Batches for which ``held_out(index)`` is true are only run forward
+    without gradients to count their samples: they stay out of the tables. Raises :class:`ConfigError` for objective "top1" on outputs that
     are not batched class scores.
     """
     device = next(iter(ops.values())).threshold.device
@@ -72,10 +75,17 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
     harms: dict[str, ChannelHarm] = {}
     margins: list[Tensor] = []
     samples = 0
+    batch_samples: list[int] = []
+    held: list[bool] = []
     with probe.recording(ops.values()) as records:
-        for item in tqdm(batches, desc="exprune probe", disable=not progress):
+        for index, item in enumerate(tqdm(batches, desc="exprune probe", disable=not progress)):
             probe.clear(records)
             inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in read(item))
+            held.append(held_out(index))
+            if held[-1]:
+                with torch.no_grad():
+                    batch_samples.append(_first_tensor(model(*inputs)).shape[0])
+                continue
             with torch.enable_grad():
                 raw = _first_tensor(model(*inputs))
                 out = raw.float()
@@ -92,6 +102,7 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
             if objective == "top1":
                 margins.append(score.detach().double().cpu())
             samples += out.shape[0]
+            batch_samples.append(out.shape[0])
             for (name, p), g in zip(active.items(), grads):
                 rows = out.shape[0] if p["out"].shape[0] == out.shape[0] else 1
                 if ops[name].kind == "head" and p["out"] is raw:
@@ -114,7 +125,7 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
                 saved[name] += s
                 effects[name].append(e)
     tables = {name: SiteTable(edges[name], saved[name] / samples, torch.cat(effects[name])) for name in edges}
-    return ProbeResult(tables, torch.cat(margins) if margins else None, harms)
+    return ProbeResult(tables, torch.cat(margins) if margins else None, harms, batch_samples, held)
 
 
 def _first_tensor(output: Any) -> Tensor:
