@@ -87,8 +87,21 @@ def exprune_table(rows: list[dict]) -> list[str]:
 
 
 def store(section: str, model: str, rows: list[dict], results_dir: Path = RESULTS_DIR) -> None:
+    """Add ``rows`` to the stored rows of (section, model); a stored row with the same method,
+    settings and seed is replaced, so reruns update and other seeds accumulate."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{section}-{model}.json").write_text(json.dumps(rows, indent=1))
+    path = results_dir / f"{section}-{model}.json"
+    key = lambda r: tuple(r.get(k) for k in KEYS + ("seed",))  # noqa: E731
+    new = {key(r) for r in rows}
+    kept = [r for r in (json.loads(path.read_text()) if path.exists() else []) if key(r) not in new]
+    path.write_text(json.dumps(kept + rows, indent=1))
+
+
+def load(section: str, results_dir: Path = RESULTS_DIR) -> dict[str, list[dict]]:
+    """Every stored row of ``section``, by model."""
+    prefix = f"{section}-"
+    return {f.stem[len(prefix):]: json.loads(f.read_text())
+            for f in sorted(results_dir.glob(f"{prefix}*.json"))}
 
 
 def pareto_plot(model: str, results_dir: Path = RESULTS_DIR, plots_dir: Path = PLOTS_DIR) -> Path | None:

@@ -78,6 +78,8 @@ def parse(argv) -> argparse.Namespace:
                    help="channel section: fractions of MACs removed (default 0.5 0.7)")
     p.add_argument("--max-drops", nargs="+", type=float, default=None,
                    help="exprune section: calibration budgets (fractions; default 0.001 0.005 0.01)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the sections and plots from the rows stored under .bench/results")
     args = p.parse_args(argv)
     args.models = args.models or list(QUICK_MODELS if args.quick else models.ALL)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -152,22 +154,35 @@ class Suite:
 
     # -- driver --------------------------------------------------------------------------------
     def run_section(self, name: str) -> str:
+        """Run the section for the chosen models (unless --report-only), store their rows, and
+        build the section from every stored row of it, so that models run separately (one per
+        invocation, across sessions) accumulate into one section."""
         t0 = time.perf_counter()
-        body, every = [], []
-        for model in self.args.models:
-            lines, rows = getattr(self, name)(model)
-            rows = [dict(r, model=model) for r in rows]
+        for model in ([] if self.args.report_only else self.args.models):
+            _, rows = getattr(self, name)(model)
             if rows:
-                report.store(name, model, rows, self.results_dir)
-                body += lines
-                every += rows
+                report.store(name, model, [dict(r, model=model) for r in rows], self.results_dir)
+        stored = report.load(name, self.results_dir)
+        body, every = [], []
+        for model in (m for m in models.ALL if m in stored):
+            rows = stored[model]
+            every += rows
+            if name != "exprune":
+                dense = report.aggregate([r for r in rows if r["method"] == "dense"])[0]
+                table = report.weight_table if name == "weight" else report.channel_table
+                body += table(model, dense, report.aggregate([r for r in rows if r["method"] != "dense"]))
         self.rows[name] = every
         if name == "exprune":
             body = report.exprune_table(report.aggregate(every))
         if not every:
             body = ["No rows: none of the chosen models applies to this section."]
-        body = [self.describe(name), "", *body, f"Wall time of this section: {time.perf_counter() - t0:.0f} s."]
-        note = f"Seeds: {' '.join(map(str, self.args.seeds))} (± = half the range over seeds). " + _common.load_note()
+        seeds = sorted({r["seed"] for r in every if "seed" in r})
+        ran = "" if self.args.report_only else f" This invocation ran {' '.join(self.args.models)} in " \
+            f"{time.perf_counter() - t0:.0f} s."
+        body = [self.describe(name), "", *body,
+                f"Rows: every model stored under .bench/results for this section (models missing from the "
+                f"tables have not been run yet).{ran}"]
+        note = f"Seeds: {' '.join(map(str, seeds)) or '-'} (± = half the range over seeds). " + _common.load_note()
         return _common.section(HEADINGS[name], "python -m benchmarks.suite " + " ".join(self._argv()), body, note)
 
     def _argv(self) -> list[str]:
