@@ -248,8 +248,9 @@ class StagedModel(nn.Module):
         return self.head(self.hidden(x))
 
 
-def _random_bn(c: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c)
+def _random_bn(c: int, kind=nn.BatchNorm2d) -> nn.modules.batchnorm._BatchNorm:
+    """A BatchNorm with random, well-scaled statistics and affine parameters (not the identity)."""
+    bn = kind(c)
     with torch.no_grad():
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2)
@@ -312,3 +313,49 @@ def fresh_inputs(inputs: tuple, batch: int, seed: int = 1) -> tuple:
     """Random inputs shaped like ``inputs`` but with ``batch`` samples (float tensors only)."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, *x.shape[1:], generator=g) for x in inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small GNNs (PyTorch Geometric): lift -> message passing layers (each an ExPrune site candidate)
+# -> linear head. Inputs (x, edge_index) of a random graph; other graphs from random_graph.
+
+class GraphNet(nn.Module):
+    """lift -> ReLU -> [layer -> [BN] -> ReLU] * n -> head; GIN layers hold Linear -> BN -> ReLU -> Linear."""
+
+    def __init__(self, lift: nn.Module, layers: list, norms: list, head: nn.Module):
+        super().__init__()
+        self.lift, self.layers, self.norms, self.head = lift, nn.ModuleList(layers), nn.ModuleList(norms), head
+
+    def forward(self, x, edge_index):
+        h = self.lift(x).relu()
+        for layer, norm in zip(self.layers, self.norms):
+            h = norm(layer(h, edge_index)).relu()
+        return self.head(h)
+
+
+def random_graph(nodes: int, features: int = 5, edges: int | None = None, seed: int = 0) -> tuple:
+    """(x, edge_index): random features and a random edge list without self loops."""
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, nodes, (2, edges or 3 * nodes), generator=g)
+    return torch.randn(nodes, features, generator=g), edge_index[:, edge_index[0] != edge_index[1]]
+
+
+@st.composite
+def gnn_models(draw):
+    """A GraphNet of 1-3 GCNConv / SAGEConv / GraphConv / GINConv layers on a 12-node graph."""
+    from torch_geometric.nn import GCNConv, GINConv, GraphConv, SAGEConv
+
+    width = draw(st.sampled_from([6, 8, 10]))
+    layers, norms = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        out = draw(st.sampled_from([6, 8, 10]))
+        kind = draw(st.sampled_from(["gcn", "sage", "graph", "gin"]))
+        if kind == "gin":
+            layers.append(GINConv(nn.Sequential(nn.Linear(width, out), _random_bn(out, nn.BatchNorm1d), nn.ReLU(), nn.Linear(out, out))))
+        else:
+            layers.append({"gcn": GCNConv, "sage": SAGEConv, "graph": GraphConv}[kind](width, out))
+        norms.append(_random_bn(out, nn.BatchNorm1d) if draw(st.booleans()) else nn.Identity())
+        width = out
+    lift = nn.Linear(5, layers[0].nn[0].in_features if isinstance(layers[0], GINConv) else layers[0].in_channels)
+    return GraphNet(lift, layers, norms, nn.Linear(width, 3)).eval(), random_graph(12, seed=draw(st.integers(0, 1000)))
+
