@@ -54,6 +54,9 @@ def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: boo
     source = compiled_original(model)  # torch.compile wrapper
     if not isinstance(source, fx.GraphModule):
         raise ExportError(f"export expects a model returned by fxprune.wrap, got {type(source).__name__}")
+    if not any(isinstance(m, (Controller, HyperfluxRuntime, ExPruneOp)) for m in source.modules()):
+        raise ExportError(f"export expects a model returned by fxprune.wrap; this {type(source).__name__} was "
+                          f"never wrapped (it holds no fxprune runtime)")
     gm = strip_default_guards(_strip_exprune(copy.deepcopy(source)))  # fxprune's guards on traced defaults
     runtime = next((m for m in gm.modules() if isinstance(m, HyperfluxRuntime)), None)
     inputs = _inputs(gm, runtime, example_inputs)

@@ -3,15 +3,12 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+import hypothesis_profiles
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-settings.register_profile(
-    "fxprune", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow], derandomize=True
-)
-settings.register_profile("thorough", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fxprune"))
+hypothesis_profiles.register()
 
 
 @pytest.fixture(autouse=True)

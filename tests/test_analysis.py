@@ -18,8 +18,12 @@ from model_gen import conv_dags, mlps
 def test_generated_conv_dags_exchangeable_spaces_are_symmetries(case):
     model, inputs = case
     analysis = fxprune.analyze(model, inputs)
-    check_exchangeable_spaces(model, inputs, analysis)
+    checked = check_exchangeable_spaces(model, inputs, analysis)
     assert_no_io_space(analysis)
+    # the first step is a conv into a pooled/flattened head: its output channels are a symmetry
+    # unless a split or slice later reads them by position
+    positional = any(op in ("split", "slice") for op, _, _ in model.program)
+    assert checked >= 1 or positional
 
 
 @given(mlps())

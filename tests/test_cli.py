@@ -181,7 +181,6 @@ def test_analyze_table_and_json(capsys, models_file):
 
 
 def test_pyg_model_json_total_equals_library(capsys):
-    pytest.importorskip("torch_geometric")
     code, out, _ = run_main(capsys, "flops", "pyg:GAT", "--input-shape", "30,8", "--format", "json")
     model, inputs = build("pyg:GAT", [(30, 8)])
     assert code == 0 and json.loads(out)["dense"] == flops(model, inputs).dense > 0

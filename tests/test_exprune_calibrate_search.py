@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -17,6 +17,7 @@ from fxprune.exprune.calibrate.batches import batch_reader
 from fxprune.exprune.calibrate.penalty import FlipPenalty, QuadraticPenalty
 from fxprune.exprune.calibrate.search import verified_search
 from fxprune.exprune.calibrate.tables import SiteTable
+from hypothesis_profiles import examples
 
 
 class Counter:
@@ -46,7 +47,7 @@ def paths(draw):
     return drops, penalty, monotone
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(paths(), st.floats(0, 0.05), st.sampled_from([None, 1e-3, 1e-1]), st.integers(1, 12))
 def test_search_returns_a_measured_feasible_position_within_the_budget_of_calls(path, max_drop, prior, max_evals):
     drops, penalty, monotone = path
@@ -92,7 +93,7 @@ def random_tables(seed, sites=3, rows=20, bins=6):
 
 
 @pytest.mark.parametrize("kind", ["flips", "quadratic"])
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(seed=st.integers(0, 10_000), moves=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5)), max_size=6))
 def test_penalty_increments_match_a_direct_computation(kind, seed, moves):
     tables = random_tables(seed)

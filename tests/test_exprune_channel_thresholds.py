@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fxprune.errors import ConfigError
@@ -15,11 +15,12 @@ from fxprune.exprune.calibrate.harm import ChannelHarm, log_expected_relu
 from fxprune.exprune.calibrate.search import metric_drop, metric_value
 from test_exprune_calibrate import accuracy_on, blobs, wrapped
 from test_exprune_ops import ConvChain, cached, hand_statistic, inject, randomize_bn, reference_relu, site_output
+from hypothesis_profiles import examples
 
 C = 12  # output channels of ConvChain.conv
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(seed=st.integers(0, 2**16), thresholds=st.lists(st.floats(-1.0, 1.0), min_size=C, max_size=C),
        dense=st.sets(st.integers(0, C - 1), max_size=4))
 def test_each_channel_uses_its_own_threshold(seed, thresholds, dense):

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.utils.parametrize as parametrize
 from fvcore.nn import FlopCountAnalysis
@@ -30,7 +31,6 @@ TIMM_CASES = [("resnet18", {}, 32), ("mobilenetv3_small_050", {}, 32), ("efficie
 
 @pytest.mark.parametrize("name,kwargs,size", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
 def test_dense_equals_fvcore_on_timm(name, kwargs, size):
-    timm = pytest.importorskip("timm")
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     x = torch.randn(1, 3, size, size)
     report = flops(model, x, name=name)
@@ -44,7 +44,6 @@ def test_dense_equals_fvcore_on_timm(name, kwargs, size):
 
 
 def test_pyg_gcn_with_edge_index():
-    pytest.importorskip("torch_geometric")
     from fxprune.app.models import build
 
     model, inputs = build("pyg:GCN", [(40, 12)])

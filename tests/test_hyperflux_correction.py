@@ -3,13 +3,14 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fxprune
 from fxprune.hyperflux import HyperfluxConfig
 from fxprune.hyperflux.runtime import decode_state, encode_state
 from hyperflux_models import TinyCNN, batches, gated, mlp, one_thread, teacher_data, train  # noqa: F401 (fixture)
+from hypothesis_profiles import examples
 
 _MLP = (6, 10, 8, 3)  # 60 + 80 + 24 = 164 gated weights
 
@@ -31,7 +32,7 @@ def _flat(tensors) -> torch.Tensor:
 _RUNTIME = []  # one gated MLP shared by the examples (wrapping is the slow part)
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(seed=st.integers(0, 2 ** 16), closed=st.floats(0.05, 0.95), target=st.floats(0.05, 0.95))
 def test_correction_lands_on_the_nearest_reachable_density_with_the_gates_own_ranking(seed, closed, target):
     if not _RUNTIME:

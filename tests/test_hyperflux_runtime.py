@@ -188,10 +188,34 @@ def test_wrap_step_sparsity_and_device_moves(granularity):
         optimizer.step()
         wrapped.fxprune.step()
     assert 0 < wrapped.fxprune.sparsity() == rt.sparsity()
+    wrapped.eval()  # BatchNorm statistics stay as they are during the round trip
+    before = {k: v.clone() for k, v in wrapped.state_dict().items() if isinstance(v, torch.Tensor)}
+    sparsity, history, out = rt.sparsity(), list(rt.history), wrapped(x).detach()
     wrapped.to(torch.float64)
     assert all(g.score.is_leaf and g.score.requires_grad and g.score.dtype == torch.float32 for g in rt.gates)
+    assert wrapped.fxprune.sparsity() == sparsity
+    torch.testing.assert_close(wrapped(x.double()).float(), out, rtol=1e-5, atol=1e-6)
     wrapped(x.double()).sum().backward()
     assert all(g.score.grad is not None for g in rt.gates)
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:  # round trip: every tensor of the state comes back as it was
+        wrapped.to(device)
+        assert all(g.score.device.type == device for g in rt.gates)
+        wrapped.to("cpu", torch.float32)
+        after = wrapped.state_dict()
+        assert set(after) == set(before)
+        for key, value in before.items():
+            assert torch.equal(after[key], value), key
+        assert rt.sparsity() == sparsity and rt.history == history and rt.steps == 4
+    torch.testing.assert_close(wrapped(x), out, rtol=0, atol=0)
+    for g in rt.gates:
+        g.score.grad = None
+    wrapped.train()
+    optimizer.zero_grad()
+    wrapped(x).square().mean().backward()
+    optimizer.step()
+    wrapped.fxprune.step()  # training continues after the round trip
+    assert rt.steps == 5
 
 
 def test_default_filter_gates_every_conv_linear_of_a_cnn_and_attention_mlp_linears_of_a_vit():

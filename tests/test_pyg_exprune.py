@@ -5,18 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("torch_geometric")
-
-import fxprune  # noqa: E402
-from fxprune.integrations import pyg  # noqa: E402
-from fxprune.exprune import strip_exprune  # noqa: E402
-from fxprune.exprune.sites import REJECTED_KEY, SITE_KEY  # noqa: E402
-from fxprune.integrations.pyg_exprune import MessagePassingENPOp  # noqa: E402
-from permutation import randomize_  # noqa: E402
-from torch_geometric.nn import EdgeConv, GCNConv, GINConv, GraphConv, SAGEConv  # noqa: E402
-from torch_geometric.nn.models import GCN, GraphSAGE  # noqa: E402
-from torch_geometric.utils import to_dense_adj  # noqa: E402
-from test_pyg import graph  # noqa: E402
+import fxprune
+from fxprune.integrations import pyg
+from fxprune.exprune import strip_exprune
+from fxprune.exprune.sites import REJECTED_KEY, SITE_KEY
+from fxprune.integrations.pyg_exprune import MessagePassingENPOp
+from permutation import randomize_
+from torch_geometric.nn import EdgeConv, GCNConv, GINConv, GraphConv, SAGEConv
+from torch_geometric.nn.models import GCN, GraphSAGE
+from torch_geometric.utils import to_dense_adj
+from test_pyg import graph
 
 K = 8
 

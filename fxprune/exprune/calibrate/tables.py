@@ -89,6 +89,8 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
             with torch.enable_grad():
                 raw = _first_tensor(model(*inputs))
                 out = raw.float()
+                if out.numel() == 0:  # an empty batch holds nothing to measure
+                    continue
                 active = {name: records[id(op)] for name, op in ops.items() if "out" in records[id(op)]}
                 aligned = all(p["out"].shape[0] == out.shape[0] for p in active.values())
                 if objective == "auto":
@@ -124,6 +126,9 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
                 s, e = _batch_tables(edges[name], stat, p["save"], p["overhead"] * tests, contrib, rows)
                 saved[name] += s
                 effects[name].append(e)
+    if samples == 0:
+        raise ConfigError("calibrate: the calibration batches held no samples (an empty iterable, or empty "
+                          "batches); pass at least one non-empty batch")
     tables = {name: SiteTable(edges[name], saved[name] / samples, torch.cat(effects[name])) for name in edges}
     return ProbeResult(tables, torch.cat(margins) if margins else None, harms, batch_samples, held)
 
