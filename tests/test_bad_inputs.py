@@ -62,8 +62,8 @@ def test_calibrate_with_no_batches_is_a_config_error():
                          ids=["float", "per-sample"])
 def test_calibrate_with_a_nan_metric_is_a_config_error(metric):
     wrapped = fxprune.wrap(cnn(), X, exprune=fxprune.ExPruneConfig(k=2))
-    with pytest.raises(fxprune.ConfigError, match="NaN"):
-        fxprune.calibrate(wrapped, [(X, torch.tensor([0, 1]))], metric, progress=False)
+    with pytest.raises(fxprune.ConfigError, match="NaN"):  # two samples: no guarantee is possible, so none asked
+        fxprune.calibrate(wrapped, [(X, torch.tensor([0, 1]))], metric, progress=False, confidence=None)
     assert all(t == -math.inf for t in wrapped.fxprune.exprune.thresholds().values())  # left safe
 
 
