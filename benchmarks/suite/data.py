@@ -225,7 +225,7 @@ def prepare() -> list[str]:
     raw = fashion_root() / "FashionMNIST" / "raw"
     if not all((raw / f).exists() for f in FASHION_FILES):
         if not FASHION_SOURCE.exists():
-            _run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"])
+            _apt(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], FASHION_SOURCE.exists)
         if FASHION_SOURCE.exists():
             raw.mkdir(parents=True, exist_ok=True)
             for f in FASHION_FILES:
@@ -238,7 +238,7 @@ def prepare() -> list[str]:
         debs = sorted(Path("/tmp").glob(f"{AUSTEN_DEB}_*.deb")) or sorted(DATA_DIR.glob(f"{AUSTEN_DEB}_*.deb"))
         if not debs:
             DATA_DIR.mkdir(parents=True, exist_ok=True)
-            _run(["apt-get", "download", AUSTEN_DEB], cwd=DATA_DIR)
+            _apt(["apt-get", "download", AUSTEN_DEB], lambda: any(DATA_DIR.glob(f"{AUSTEN_DEB}_*.deb")), cwd=DATA_DIR)
             debs = sorted(DATA_DIR.glob(f"{AUSTEN_DEB}_*.deb"))
         if debs:
             _run(["dpkg", "-x", str(debs[-1]), str(DATA_DIR / "janeaustenr")])
@@ -251,6 +251,15 @@ def prepare() -> list[str]:
         if find_spec(module) is None:
             problems.append(f"pip install {package} (into the project's virtual environment)")
     return problems
+
+
+def _apt(cmd: list[str], done, cwd: Path | None = None) -> None:
+    """Run an apt-get command; on a fresh machine the package lists are empty, so when it did not
+    do its job, refresh them once (apt-get update) and try again."""
+    _run(cmd, cwd)
+    if not done():
+        _run(["apt-get", "update", "-qq"])
+        _run(cmd, cwd)
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:
