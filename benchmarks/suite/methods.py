@@ -15,6 +15,7 @@ importance, its default per-layer uniform ratio, classifier kept), one-shot to t
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -173,6 +174,15 @@ def exprune(task: Task, dense: nn.Module, max_drop: float, seed: int) -> dict:
     split only. The row's ``guarantee`` says which."""
     model = fxprune.wrap(task.copy_of(dense).eval(), task.example_inputs(), exprune=fxprune.ExPruneConfig(),
                          leaf_modules=leaves(task))
+    if not model.fxprune.exprune.thresholds():  # nothing ExPrune can predict: a row that says why
+        rejected = model.fxprune.analysis.rejected
+        reasons = sorted({re.sub(r"\s*\(.*?\)", "", r.reason.split(":")[0]) for r in rejected})[:3]
+        dense_acc = task.accuracy(dense, task.test)
+        macs = sum(fxprune.flops(model, x).dense for x, _ in task.batches(task.test, batch=256)) / task.size(task.test)
+        return {"method": "ExPrune + calibrate", "max_drop": max_drop, "accuracy": dense_acc,
+                "dense_accuracy": dense_acc, "confidence": None, "test_worse": 0.0, "drop": 0.0, "saved": 0.0,
+                "guarantee": f"no ExPrune site ({len(rejected)} candidates refused: {'; '.join(reasons)})",
+                "seconds": 0.0, "seed": seed, "macs": macs, "dense_macs": macs}
     cal = list(task.batches(task.dev))
     t0 = time.perf_counter()
     confidence = None if task.kind == "text" else CONFIDENCE
