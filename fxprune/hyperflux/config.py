@@ -165,7 +165,7 @@ class HyperfluxConfig:
         (``steps_to_close > pruning_steps / 4``), or the controller updates fewer than 4 times.
         The config warns with each of them (``ScheduleWarning``) when it is built."""
         problems = []
-        if self.steps_to_close > MAX_CLOSING_SHARE * self.pruning_steps:
+        if self.steps_to_close > max(1.0, MAX_CLOSING_SHARE * self.pruning_steps):
             needed_lr = self.gate_init[1] / (MAX_CLOSING_SHARE * self.pruning_steps)
             problems.append(
                 f"HyperfluxConfig: with gate_lr={self.gate_lr:g} a gate needs ~{self.steps_to_close} steps to close "

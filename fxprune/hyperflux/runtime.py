@@ -11,6 +11,7 @@ authors' code behaves the same).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..analysis import Member
+from ..errors import ScheduleWarning
 from .config import HyperfluxConfig
 from .gate import GateScores
 from .scheduler import PressureScheduler
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+LARGE_CORRECTION = 0.10  # a density correction that moves more than this share of the gates warns
 
 
 @dataclass
@@ -145,7 +148,9 @@ class HyperfluxRuntime(nn.Module):
 
         A large move costs accuracy (most of all closing many open gates at once, with no
         training left to adapt): it means the controller ended far from the target, e.g. with a
-        scheduler interval much longer than the gates' reaction time; ``corrections`` shows it.
+        scheduler interval much longer than the gates' reaction time, or a gate_lr too small for
+        the schedule; ``corrections`` shows it, and a move of more than 10 % of the gates at once
+        draws a ``ScheduleWarning`` with the numbers.
 
         Returns (and appends to ``self.corrections``): step, density_before, density_after,
         reopened, closed (gate counts).
@@ -183,6 +188,15 @@ class HyperfluxRuntime(nn.Module):
         after = density_after(k)
         self.corrections.append({"step": self.scheduler.steps, "density_before": before, "density_after": after,
                                  "reopened": k if reopen else 0, "closed": 0 if reopen else k})
+        if flat.numel() and k > LARGE_CORRECTION * flat.numel():
+            c = self.config
+            warnings.warn(
+                f"Hyperflux density correction at step {self.scheduler.steps} {'reopened' if reopen else 'closed'} "
+                f"{k} of {flat.numel()} gates at once ({k / flat.numel():.1%}, density {before:.4f} -> {after:.4f}, "
+                f"target {target:.4f}): the gates did not reach the target by themselves, so these moved on their "
+                f"scores alone. Usual causes: gate_lr={c.gate_lr:g} too small for pruning_steps={c.pruning_steps} "
+                f"(a gate needs ~{c.steps_to_close} steps to close) or scheduler_interval={c.scheduler_interval} too "
+                f"long; see model.fxprune.hyperflux.corrections.", ScheduleWarning, stacklevel=2)
         return dict(self.corrections[-1])
 
     @torch.no_grad()
