@@ -52,10 +52,9 @@ class HyperfluxConfig:
             ``max(1e-3, 16 * gate_init[1] / pruning_steps)``: a gate that starts at the highest
             initial score can close within 1/16 of the pruning phase. Long schedules
             (>= 8,000 steps at the default gate_init) get the paper's 1e-3; 190 steps get 0.042
-            (the 0.04 chosen on BENCHMARKS.md's digits runs); 150 steps (one epoch of 12,000
-            images at batch 80) 0.053, where 1e-3 left every gate open until the final correction
-            cut 90 % of the weights at random (issue #15: 17 % vs 84 % for magnitude pruning).
-            A gate_lr with which a gate needs more than a quarter of the pruning phase to close
+            (the 0.04 chosen on BENCHMARKS.md's digits runs). With too small a gate_lr no gate
+            closes in time and the correction at the end of pruning (``exact_target``) closes
+            almost all of them at once, ranked by their random initial scores. A gate_lr with which a gate needs more than a quarter of the pruning phase to close
             draws a ``ScheduleWarning`` (``schedule_problems``).
         gate_init: scores start uniform in [low, high]; low >= 0 so every gate starts open.
         regrowth_lr_decay: factor applied to the gate learning rate at each scheduler interval of
