@@ -2,7 +2,7 @@
 
 Public surface (see README): ``wrap``, ``analyze`` (``Analysis``), ``HyperfluxConfig``,
 ``ExPruneConfig``, ``calibrate``, ``flops`` (``FlopReport``), ``export`` (``ExportError``),
-``register_rule``, ``register_leaf_module`` and the errors. Stages, in the order data flows:
+``register_rule``, ``register_leaf_module`` and the errors and warnings. Stages, in the order data flows:
 ``capture`` -> ``analysis`` -> ``exprune`` / ``hyperflux`` -> ``runtime`` -> ``report`` /
 ``exporting``; ``wrap`` and ``pipeline`` compose them; ``plugins`` loads the integrations
 (``fxprune.integrations``); ``fxprune.app`` holds the CLI and the demo and is never imported here.
@@ -11,7 +11,8 @@ from importlib import import_module as _import_module
 
 from .analysis import register_rule
 from .capture import register_leaf_module
-from .errors import ConfigError, FxpruneError, NameClashError, ShapeError, TraceError, WrapError
+from .errors import (ConfigError, FxpruneError, FxpruneWarning, NameClashError, ScheduleWarning, ShapeError, TraceError,
+                     WrapError)
 from .pipeline import Analysis, analyze
 from .report import FlopReport, flops
 from .wrap import wrap
@@ -39,4 +40,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["wrap", "analyze", "Analysis", "register_rule", "register_leaf_module", "FxpruneError", "TraceError",
-           "NameClashError", "ShapeError", "ConfigError", "WrapError", "flops", "FlopReport", *_LAZY]
+           "NameClashError", "ShapeError", "ConfigError", "WrapError", "FxpruneWarning", "ScheduleWarning", "flops", "FlopReport", *_LAZY]

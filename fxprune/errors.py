@@ -1,4 +1,5 @@
-"""Exceptions raised by fxprune. Every one names the culprit (module path, op, input) and a fix."""
+"""Exceptions and warnings raised by fxprune. Every one names the culprit (module path, op, input,
+config field) and a fix."""
 
 
 class FxpruneError(Exception):
@@ -55,3 +56,13 @@ class ConfigError(FxpruneError):
 
 class WrapError(FxpruneError):
     """The model cannot be wrapped as asked (already wrapped, BN in training mode for ExPrune, ...)."""
+
+
+class FxpruneWarning(UserWarning):
+    """Base class of every warning fxprune emits: the input is accepted, but the result is likely poor."""
+
+
+class ScheduleWarning(FxpruneWarning):
+    """A Hyperflux schedule too short for its gates (they cannot follow the pressure, so the
+    correction at the end of pruning would move most gates at once), or a density correction that
+    moved a large share of the gates at once."""

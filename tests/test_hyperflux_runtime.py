@@ -45,7 +45,7 @@ def test_pressure_gradient_is_gamma_eff_over_n_without_data_loss():
         assert torch.allclose(grad, torch.full_like(grad, 2.0 ** 1.5 / n), rtol=1e-5, atol=0)
     # the first Adam step moves every score down by gate_lr (the update is the sign of a constant gradient)
     for b, g in zip(before, rt.gates):
-        assert torch.allclose(b - g.score, torch.full_like(b, 1e-3), atol=1e-7)
+        assert torch.allclose(b - g.score, torch.full_like(b, rt.config.gate_lr), atol=1e-7)
 
 
 def test_channel_pressure_is_weighted_by_the_params_each_channel_controls():

@@ -5,18 +5,28 @@ optimiser steps (calls of ``model.fxprune.step()``). Defaults follow the authors
 two of fxprune's own, on by default (see their descriptions): ``lookahead`` (the controller counts
 the closures in flight) and ``exact_target`` (the density is put on the target at the end of the
 pruning phase and when the gates freeze). ``lookahead=False, exact_target=False`` is the paper.
+
+Schedule-aware defaults: ``gate_lr`` and ``scheduler_interval`` left at None are derived from
+``pruning_steps`` (formulas in ``HyperfluxConfig``), so that a gate can close within the schedule
+the user gives; explicit values are kept as given. A schedule that is too short for its gates
+(see ``schedule_problems``) draws a ``ScheduleWarning`` when the config is built.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ScheduleWarning
 
 GRANULARITIES = ("weight", "channel")
 WEIGHTINGS = ("params", "macs")
 SCHEDULER_UPDATES = 100  # default number of scheduler updates in the pruning phase (paper: 100 epochs)
+PAPER_GATE_LR = 1e-3  # the paper's gate learning rate: the derived one never goes below it
+CLOSINGS_PER_PHASE = 16  # derived gate_lr: a gate starting at gate_init's high end can close in 1/16 of the phase
+MAX_CLOSING_SHARE = 0.25  # warn when a gate needs more than this share of the pruning phase to close
+MIN_SCHEDULER_UPDATES = 4  # warn when the controller updates fewer times than this in the pruning phase
 
 
 @dataclass
@@ -32,13 +42,20 @@ class HyperfluxConfig:
         regrowth_steps: optimiser steps of the regrowth phase that follows: pressure 0, gate
             learning rate decaying geometrically. After it the gates are frozen.
         scheduler_interval: steps between two pressure-scheduler updates (the paper updates once
-            per epoch). None: ``pruning_steps // 100`` (at least 1), i.e. 100 updates as in the paper.
+            per epoch). None (derived): ``max(1, pruning_steps // 100)``, i.e. 100 updates as in the
+            paper (one update per step below 200 steps).
         ste_scale: slope of the straight-through estimator, dL/dt = ste_scale * w * dL/dw_eff
             (0.25 = slope of the sigmoid at 0).
         gate_lr: Adam learning rate of the gate scores (no weight decay). Adam moves a score by
             about gate_lr per step, so a score needs ~gate_init / gate_lr steps of steady pressure
-            to close (200-500 at the defaults): keep scheduler intervals well above that, or raise
-            gate_lr for short runs, else the density lags the trajectory and then overshoots.
+            to close. None (derived from the schedule):
+            ``max(1e-3, 16 * gate_init[1] / pruning_steps)``: a gate that starts at the highest
+            initial score can close within 1/16 of the pruning phase. Long schedules
+            (>= 8,000 steps at the default gate_init) get the paper's 1e-3; 190 steps get 0.042
+            (the 0.04 chosen on BENCHMARKS.md's digits runs). With too small a gate_lr no gate
+            closes in time and the correction at the end of pruning (``exact_target``) closes
+            almost all of them at once, ranked by their random initial scores. A gate_lr with which a gate needs more than a quarter of the pruning phase to close
+            draws a ``ScheduleWarning`` (``schedule_problems``).
         gate_init: scores start uniform in [low, high]; low >= 0 so every gate starts open.
         regrowth_lr_decay: factor applied to the gate learning rate at each scheduler interval of
             the regrowth phase (geometric decay).
@@ -75,6 +92,9 @@ class HyperfluxConfig:
             ``attn.qkv`` linear exists) only the attention qkv/proj and MLP fc1/fc2 linears. With
             channel granularity, the prunable spaces that contain a chosen weight are gated.
         seed: seed of the generator that draws the initial scores.
+        derived: names of the fields that were None and were derived from the schedule (set by
+            the constructor; not an argument). ``dataclasses.replace`` passes the derived values
+            on as explicit ones: to re-derive them for another schedule, pass None again.
     """
 
     target_sparsity: float
@@ -83,7 +103,7 @@ class HyperfluxConfig:
     regrowth_steps: int = 0
     scheduler_interval: Optional[int] = None
     ste_scale: float = 0.25
-    gate_lr: float = 1e-3
+    gate_lr: Optional[float] = None
     gate_init: tuple[float, float] = (0.2, 0.5)
     regrowth_lr_decay: float = 0.95
     gamma_step: float = 0.3
@@ -95,14 +115,23 @@ class HyperfluxConfig:
     lookahead: bool = True
     filter: Optional[Callable] = None
     seed: int = 0
+    derived: tuple = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:
         _fraction("target_sparsity", self.target_sparsity, "0.9 = 90 % of the gated weights pruned")
         _choice("granularity", self.granularity, GRANULARITIES)
         _integer("pruning_steps", self.pruning_steps, 1)
         _integer("regrowth_steps", self.regrowth_steps, 0)
+        _gate_init(self.gate_init)
+        self.gate_init = (float(self.gate_init[0]), float(self.gate_init[1]))
+        derived = []
         if self.scheduler_interval is None:
             self.scheduler_interval = max(1, self.pruning_steps // SCHEDULER_UPDATES)
+            derived.append("scheduler_interval")
+        if self.gate_lr is None:
+            self.gate_lr = max(PAPER_GATE_LR, CLOSINGS_PER_PHASE * self.gate_init[1] / self.pruning_steps)
+            derived.append("gate_lr")
+        self.derived = tuple(derived)
         _integer("scheduler_interval", self.scheduler_interval, 1)
         if self.scheduler_interval > self.pruning_steps:
             raise ConfigError(
@@ -113,7 +142,6 @@ class HyperfluxConfig:
         _positive("gamma_inertia_step", self.gamma_inertia_step, allow_zero=True)
         if not (isinstance(self.regrowth_lr_decay, (int, float)) and 0 < self.regrowth_lr_decay <= 1):
             raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
-        _gate_init(self.gate_init)
         _choice("weight_by", self.weight_by, WEIGHTINGS)
         for name in ("exact_target", "lookahead"):
             if not isinstance(getattr(self, name), bool):
@@ -121,7 +149,37 @@ class HyperfluxConfig:
         if self.filter is not None and not callable(self.filter):
             raise ConfigError(f"HyperfluxConfig.filter must be a callable(GateTarget) -> bool or None, "
                               f"got {type(self.filter).__name__}")
-        self.gate_init = (float(self.gate_init[0]), float(self.gate_init[1]))
+        for problem in self.schedule_problems():
+            warnings.warn(problem, ScheduleWarning, stacklevel=3)
+
+    @property
+    def steps_to_close(self) -> int:
+        """Optimiser steps a gate starting at the highest initial score needs to close under steady
+        pressure (Adam moves a score by about gate_lr per step): ``ceil(gate_init[1] / gate_lr)``."""
+        return math.ceil(self.gate_init[1] / self.gate_lr - 1e-9)
+
+    def schedule_problems(self) -> list[str]:
+        """Why the schedule is too short for the gates, one sentence per problem with the numbers
+        (empty when it fits): a gate needs more than a quarter of the pruning phase to close
+        (``steps_to_close > pruning_steps / 4``), or the controller updates fewer than 4 times.
+        The config warns with each of them (``ScheduleWarning``) when it is built."""
+        problems = []
+        if self.steps_to_close > max(1.0, MAX_CLOSING_SHARE * self.pruning_steps):
+            needed_lr = self.gate_init[1] / (MAX_CLOSING_SHARE * self.pruning_steps)
+            problems.append(
+                f"HyperfluxConfig: with gate_lr={self.gate_lr:g} a gate needs ~{self.steps_to_close} steps to close "
+                f"(gate_init[1] / gate_lr), more than a quarter of pruning_steps={self.pruning_steps} "
+                f"({int(MAX_CLOSING_SHARE * self.pruning_steps)} steps): the gates cannot follow the pressure and "
+                f"the correction at the end of pruning would close most weights at once, ranked by barely trained "
+                f"scores. Fix: gate_lr >= {needed_lr:.3g}, or leave gate_lr=None (derived from the schedule), or "
+                f"pruning_steps >= {math.ceil(self.steps_to_close / MAX_CLOSING_SHARE)}.")
+        if self.scheduler_updates < MIN_SCHEDULER_UPDATES:
+            problems.append(
+                f"HyperfluxConfig: scheduler_interval={self.scheduler_interval} gives {self.scheduler_updates} "
+                f"pressure update(s) in pruning_steps={self.pruning_steps}, fewer than {MIN_SCHEDULER_UPDATES}: the "
+                f"controller cannot steer the density along its trajectory. Fix: scheduler_interval <= "
+                f"{max(1, self.pruning_steps // MIN_SCHEDULER_UPDATES)}, or leave it None (derived).")
+        return problems
 
     @property
     def scheduler_updates(self) -> int:

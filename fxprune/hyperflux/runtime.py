@@ -11,6 +11,7 @@ authors' code behaves the same).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..analysis import Member
+from ..errors import ScheduleWarning
 from .config import HyperfluxConfig
 from .gate import GateScores
 from .scheduler import PressureScheduler
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+LARGE_CORRECTION = 0.10  # a density correction that moves more than this share of the gates warns
 
 
 @dataclass
@@ -112,7 +115,7 @@ class HyperfluxRuntime(nn.Module):
                 # would keep closing gates for ~1 / (1 - beta1) steps): regrowth starts without it
                 for g in self.gates:
                     g.exp_avg.zero_()
-            self.correct_density()
+            self._warn_if_large(self.correct_density())
         if sched.phase() == "frozen":
             self._set_trainable(False)
 
@@ -145,7 +148,9 @@ class HyperfluxRuntime(nn.Module):
 
         A large move costs accuracy (most of all closing many open gates at once, with no
         training left to adapt): it means the controller ended far from the target, e.g. with a
-        scheduler interval much longer than the gates' reaction time; ``corrections`` shows it.
+        scheduler interval much longer than the gates' reaction time, or a gate_lr too small for
+        the schedule; ``corrections`` shows it, and when ``step()`` runs the correction, a move of
+        more than 10 % of the gates at once draws a ``ScheduleWarning`` with the numbers.
 
         Returns (and appends to ``self.corrections``): step, density_before, density_after,
         reopened, closed (gate counts).
@@ -184,6 +189,23 @@ class HyperfluxRuntime(nn.Module):
         self.corrections.append({"step": self.scheduler.steps, "density_before": before, "density_after": after,
                                  "reopened": k if reopen else 0, "closed": 0 if reopen else k})
         return dict(self.corrections[-1])
+
+    def _warn_if_large(self, correction: dict) -> None:
+        """ScheduleWarning, with the numbers, when an automatic correction moved more than
+        ``LARGE_CORRECTION`` of the gate scores at once."""
+        moved, total = correction["reopened"] + correction["closed"], sum(g.score.numel() for g in self.gates)
+        if total and moved > LARGE_CORRECTION * total:
+            c = self.config
+            warnings.warn(
+                f"Hyperflux density correction at step {correction['step']} "
+                f"{'reopened' if correction['reopened'] else 'closed'} {moved} of {total} gates at once "
+                f"({moved / total:.1%}; density {correction['density_before']:.4f} -> "
+                f"{correction['density_after']:.4f}, target {c.target_density:.4f}): the controller ended far from "
+                f"the target, so these gates moved on their scores alone. Check that a gate closes well within the "
+                f"schedule (gate_lr={c.gate_lr:g}: ~{c.steps_to_close} steps to close, pruning_steps="
+                f"{c.pruning_steps}) and that scheduler_interval={c.scheduler_interval} is not long against that "
+                f"(None derives both); see model.fxprune.hyperflux.corrections.",
+                ScheduleWarning, stacklevel=4)  # user -> Controller.step -> HyperfluxRuntime.step -> here
 
     @torch.no_grad()
     def predicted_density(self, horizon: int) -> float:
