@@ -1,7 +1,7 @@
 """Tables of the suite's BENCHMARKS.md sections, seed aggregation, results store and Pareto plots.
 
-Rows of every section are kept per model in ``.bench/results/<section>-<model>.json`` so that a
-plot can combine sections run separately (the suite is resumable across sessions).
+Rows of every section are kept per model in ``benchmarks/results/<section>-<model>.json``
+(committed) so that sections and plots combine runs made separately, across sessions.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from .data import REPO
 
-RESULTS_DIR = REPO / ".bench" / "results"
+# committed with the repository: a checkout starts with every row measured so far, so sections run in
+# different sessions accumulate (dense checkpoints and data stay in the ignored .bench/)
+RESULTS_DIR = REPO / "benchmarks" / "results"
 PLOTS_DIR = REPO / "docs" / "bench"
 KEYS = ("model", "method", "target", "epochs", "max_drop")
 PAPER_V2 = ("ExPrune paper (v2, arXiv 2506.02210): 10.98-17.33 % of MACs saved at a negligible accuracy drop, "

@@ -16,7 +16,7 @@ machine, load and seeds):
   correctness on the development split), held-out drop and MACs saved on the test split.
 
 Dense checkpoints are cached under .bench/cache (keyed by every setting), rows under
-.bench/results; sections and models can run separately and in any order; the Pareto plots
+benchmarks/results (committed); sections and models can run separately and in any order; the Pareto plots
 (docs/bench/pareto-<model>.png) combine whatever rows are stored for a model.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--max-drops", nargs="+", type=float, default=None,
                    help="exprune section: calibration budgets (fractions; default 0.001 0.005 0.01)")
     p.add_argument("--report-only", action="store_true",
-                   help="run nothing: rebuild the sections and plots from the rows stored under .bench/results")
+                   help="run nothing: rebuild the sections and plots from the rows stored under benchmarks/results")
     args = p.parse_args(argv)
     args.models = args.models or list(QUICK_MODELS if args.quick else models.ALL)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -98,7 +98,7 @@ class Suite:
         for key in ("weight_targets", "weight_epochs", "channel_targets", "max_drops"):
             if getattr(args, key) is not None:
                 self.grid[key] = tuple(getattr(args, key))
-        self.results_dir = REPO / ".bench" / ("quick" if args.quick else "") / "results"
+        self.results_dir = REPO / ".bench" / "quick" / "results" if args.quick else report.RESULTS_DIR
         self.plots_dir = REPO / ".bench" / "quick" / "plots" if args.quick else report.PLOTS_DIR
         self._splits: dict = {}
         self.rows: dict[str, list[dict]] = {}
@@ -180,7 +180,7 @@ class Suite:
         ran = "" if self.args.report_only else f" This invocation ran {' '.join(self.args.models)} in " \
             f"{time.perf_counter() - t0:.0f} s."
         body = [self.describe(name), "", *body,
-                f"Rows: every model stored under .bench/results for this section (models missing from the "
+                f"Rows: every model stored under benchmarks/results for this section (models missing from the "
                 f"tables have not been run yet).{ran}"]
         note = f"Seeds: {' '.join(map(str, seeds)) or '-'} (± = half the range over seeds). " + _common.load_note()
         return _common.section(HEADINGS[name], "python -m benchmarks.suite " + " ".join(self._argv()), body, note)
