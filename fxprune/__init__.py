@@ -17,7 +17,7 @@ from .pipeline import Analysis, analyze
 from .report import FlopReport, flops
 from .wrap import wrap
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # Names provided by the transform and report stages, resolved on first use so that importing
 # fxprune stays cheap and each stage stays in its own module.
