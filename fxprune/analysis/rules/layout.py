@@ -275,11 +275,7 @@ def roll_rule(ctx: RuleContext) -> None:
     else:
         ctx.break_all(f"{ctx.description}: non-constant dims")
         return
-    for d in range(len(x)):
-        if d in rolled:
-            ctx.breaks([x[d], out[d]], f"{ctx.description}: rolled axis")
-        else:
-            ctx.same(x[d], out[d])
+    _break_axes(ctx, x, out, rolled, "rolled axis")
 
 
 def pad_rule(ctx: RuleContext) -> None:
@@ -288,12 +284,7 @@ def pad_rule(ctx: RuleContext) -> None:
     if x is None or out is None or not isinstance(pad, (list, tuple)):
         ctx.break_all(f"{ctx.description}: unsupported arguments")
         return
-    padded = {len(x) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
-    for d in range(len(x)):
-        if d in padded:
-            ctx.breaks([x[d], out[d]], f"{ctx.description}: padded axis")
-        else:
-            ctx.same(x[d], out[d])
+    _break_axes(ctx, x, out, {len(x) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}, "padded axis")
 
 
 
@@ -303,8 +294,15 @@ def pad_module_rule(ctx: RuleContext) -> None:
     x, out = ctx.in_axes(0, "input"), ctx.out
     if x is None or out is None:
         return
+    kept = {d for d in range(min(2, len(x))) if ctx.size(x[d]) == ctx.size(out[d])}
+    _break_axes(ctx, x, out, set(range(len(x))) - kept, "padded axis")
+
+
+def _break_axes(ctx: RuleContext, x, out, broken: set[int], why: str) -> None:
+    """Axes in ``broken`` are position-specific (the op moves or adds positions along them); every
+    other axis passes through from ``x`` to ``out``."""
     for d in range(len(x)):
-        if ctx.size(x[d]) == ctx.size(out[d]) and d < 2:
-            ctx.same(x[d], out[d])
+        if d in broken:
+            ctx.breaks([x[d], out[d]], f"{ctx.description}: {why}")
         else:
-            ctx.breaks([x[d], out[d]], f"{ctx.description}: padded axis")
+            ctx.same(x[d], out[d])
