@@ -25,6 +25,8 @@ CNNS = ("resnet18", "mobilenetv2_100", "vgg11_bn")
 GNNS = ("gcn", "gin")
 LMS = ("opt",)
 ALL = CNNS + GNNS + LMS
+# bumped when a builder changes, so that cached dense checkpoints of the old architecture are not reused
+REVISION = {"mobilenetv2_100": 2}
 KIND = {**{m: "image" for m in CNNS}, **{m: "graph" for m in GNNS}, **{m: "text" for m in LMS}}
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)
@@ -48,8 +50,10 @@ def build(name: str, width: float, *, num_classes: int = 10, vocab: int = 0, con
 
         # timm's registered multipliers; the nearest one to ``width``
         multiplier = min((0.35, 0.5, 0.75, 1.0, 1.4), key=lambda m: abs(m - width))
-        return timm.create_model(f"mobilenetv2_{int(round(100 * multiplier)):03d}", pretrained=False, in_chans=1,
-                                 num_classes=num_classes)
+        model = timm.create_model(f"mobilenetv2_{int(round(100 * multiplier)):03d}", pretrained=False, in_chans=1,
+                                  num_classes=num_classes)
+        model.conv_stem.stride = (1, 1)  # revision 2: a 2x2 map before the head on 28x28 inputs
+        return model
     if name == "vgg11_bn":
         return VGG(width, num_classes)
     if name in GNNS:

@@ -176,6 +176,8 @@ class Task:
         s = self.sizes
         key = (f"{self.model_name}-w{s.width}-n{self.size(self.train)}-e{s.dense_epochs}-c{s.context}"
                f"-tb{s.text_batches}-s{seed}-torch{torch.__version__.split('+')[0]}")
+        if self.model_name in models.REVISION:
+            key += f"-r{models.REVISION[self.model_name]}"
         path = CACHE_DIR / f"{key}.pt"
         model = self.build(seed)
         if path.exists():
