@@ -54,11 +54,21 @@ class SitePlan:
     consumer: fx.Node | None = None
     between: list[fx.Node] = field(default_factory=list)
     candidates: dict = field(default_factory=dict)
+    input_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.input_names = tuple(n.name for n in self.arguments())
+
+    def arguments(self) -> tuple[fx.Node, ...]:
+        """The nodes the span reads now: x and the residual (another site's kernel may have replaced them)."""
+        x = self.chain.nodes[0].args[0]
+        if self.chain.add is None:
+            return (x,)
+        return x, next(a for a in self.chain.add.all_input_nodes if a not in self.chain.nodes)
 
     def inputs(self, values: dict) -> tuple:
-        """The kernel's arguments (x, [residual]) from recorded node values."""
-        x = values[self.chain.nodes[0].args[0].name]
-        return (x,) if self.chain.residual is None else (x, values[self.chain.residual.name])
+        """The kernel's arguments (x, [residual]) from the node values recorded before any rewrite."""
+        return tuple(values[name] for name in self.input_names)
 
 
 class ExPruneSitesPass:
@@ -81,7 +91,7 @@ class ExPruneSitesPass:
                 plans.append(plan)
         if not plans:
             return choices
-        names = {n.name for p in plans for n in (p.chain.nodes[0].args[0], p.chain.residual) if n is not None}
+        names = {name for p in plans for name in p.input_names}
         try:
             recorded = {b: record_values(gm, batched(example_inputs, b), names) for b in options.batch_sizes}
         except Exception as exc:  # e.g. an input whose dim 0 is not a batch (edge lists)
@@ -203,7 +213,7 @@ def install(gm: fx.GraphModule, plan: SitePlan, kernel: nn.Module, fused: bool) 
     while _has_attr(gm, path):
         path += "_"
     gm.add_submodule(path, kernel)
-    args = (plan.chain.nodes[0].args[0],) + (() if plan.chain.residual is None else (plan.chain.residual,))
+    args = plan.arguments()
     graph, last = gm.graph, nodes[-1]
     with graph.inserting_before(last):
         new = graph.call_module(path, args)

@@ -176,6 +176,8 @@ class ENPConvKernel(ENPKernel):
             s_k, q_k = self._conv(xk, self.w_first), None
         predicted = self.predicted(s_k, q_k, residual)
         kept = (~predicted).transpose(0, 1).reshape(predicted.shape[1], -1).any(1).nonzero().squeeze(1)
+        if kept.numel() == 0:  # every channel predicted everywhere (a conv cannot have 0 filters)
+            return s_k.new_zeros(s_k.shape)
         pre = s_k.index_select(1, kept) + self._conv(x[:, self.k:], self.w_rest.index_select(0, kept))
         h = self.activation(pre, kept, residual, predicted, 1)
         return s_k.new_zeros(s_k.shape).index_copy_(1, kept, h)
