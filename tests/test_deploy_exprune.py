@@ -65,9 +65,8 @@ def with_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def times(**ms):
+def times(table: dict):
     """A measure callable returning fixed milliseconds per path (unlisted paths: 100 ms)."""
-    table = {k.replace("__", "+"): v for k, v in ms.items()}
     return lambda site, path, batch, fn, repeats: table.get(path, 100.0)
 
 
@@ -86,26 +85,27 @@ def ops(wrapped) -> dict:
 
 @examples(12)
 @given(k=st.integers(1, 11), rule=st.sampled_from(["threshold", "ztest"]), level=st.floats(-0.3, 0.3),
-       per_channel=st.booleans(), fused=st.booleans(), seed=st.integers(0, 2**16))
-def test_linear_site_equals_the_exprune_op_at_batch_1_and_more(k, rule, level, per_channel, fused, seed):
+       per_channel=st.booleans(), path=st.sampled_from(["skip_rows", "skip_rows+sparse_fc", "predict+sparse_fc"]),
+       seed=st.integers(0, 2**16))
+def test_linear_site_equals_the_exprune_op_at_batch_1_and_more(k, rule, level, per_channel, path, seed):
     torch.manual_seed(seed)
     x = torch.randn(2, 5, 12)
     knob = dict(alpha=0.5 + level) if rule == "ztest" else dict(threshold=level)
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(rule=rule, k=k, **knob))
     if per_channel and rule == "threshold":
         ops(wrapped)["fc1"].set_threshold((torch.rand(40) * 0.6 - 0.3).tolist())
-    path = "skip_rows+sparse_fc" if fused else "skip_rows"
-    deployed = run_deploy(wrapped, x, times(dense=10.0, **{path.replace("+", "__"): 1.0}))
+    deployed = run_deploy(wrapped, x, times({"dense": 10.0, path: 1.0}))
     assert [(c.name, c.path) for c in deployed.deploy_choices] == [("fc1", path)]
     for batch in (torch.randn(1, 1, 12), torch.randn(1, 7, 12), torch.randn(4, 3, 12)):
         torch.testing.assert_close(outputs(deployed, batch), outputs(wrapped, batch), rtol=1e-4, atol=1e-5)
 
 
-def test_the_fused_path_reads_no_fc2_weight_for_predicted_rows_and_skips_them():
-    """With every fc1 row predicted, fc2 only adds its bias (nothing else is read or computed)."""
+@pytest.mark.parametrize("path", ["skip_rows+sparse_fc", "predict+sparse_fc"])
+def test_with_every_row_predicted_the_fused_consumer_outputs_its_bias(path):
     x = torch.randn(1, 1, 12)
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4, threshold=math.inf))
-    deployed = run_deploy(wrapped, x, times(dense=10.0, skip_rows__sparse_fc=1.0))
+    deployed = run_deploy(wrapped, x, times({"dense": 10.0, path: 1.0}))
+    assert deployed.deploy_choices[0].path == path
     torch.testing.assert_close(outputs(deployed, x), wrapped.fc2.bias.detach().expand(1, 1, 12))
     torch.testing.assert_close(outputs(deployed, x), outputs(wrapped, x))
 
@@ -123,7 +123,7 @@ def test_conv_sites_with_bn_and_residual_equal_the_exprune_ops(k, rule, level, s
         t = torch.full((8,), level)
         t[::2] = math.inf
         ops(wrapped)["conv1"].set_threshold(t.tolist())
-    deployed = run_deploy(wrapped, x, times(dense=10.0, skip_channels=1.0))
+    deployed = run_deploy(wrapped, x, times({"dense": 10.0, "skip_channels": 1.0}))
     chosen = {c.name: c.path for c in deployed.deploy_choices}
     assert chosen == {name: "skip_channels" for name in ops(wrapped)}, deployed.deploy_choices
     for batch in (torch.randn(1, 3, 6, 6), torch.randn(3, 3, 6, 6)):
@@ -133,7 +133,7 @@ def test_conv_sites_with_bn_and_residual_equal_the_exprune_ops(k, rule, level, s
 def test_sites_chosen_dense_output_the_dense_chain():
     x = torch.randn(2, 3, 6, 6)
     wrapped = fxprune.wrap(with_bn_stats(ConvNet()), x, exprune=ExPruneConfig(k=2, threshold=0.1))
-    deployed = run_deploy(wrapped, x, times(dense=1.0, skip_channels=1.02))
+    deployed = run_deploy(wrapped, x, times({"dense": 1.0, "skip_channels": 1.02}))
     assert {c.path for c in deployed.deploy_choices} == {"dense"}
     assert all("no candidate is 1.05x faster" in c.reason for c in deployed.deploy_choices)
     plain = fxprune.export(wrapped)
@@ -164,12 +164,12 @@ def test_the_choice_is_a_function_of_the_measurements():
     assert choose_path(tie, 1.05)[0] == "a"
     x = torch.randn(2, 5, 12)
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4, threshold=0.0))
-    measure = times(dense=10.0, skip_rows=6.0, skip_rows__sparse_fc=4.0)
+    table = {"dense": 10.0, "skip_rows": 6.0, "skip_rows+sparse_fc": 4.0, "predict+sparse_fc": 5.0}
+    measure = times(table)
     first, second = (run_deploy(wrapped, x, measure).deploy_choices for _ in range(2))
     assert first == second
     assert first[0] == DeployChoice("fc1", "skip_rows+sparse_fc", first[0].reason,
-                                    {p: {1: t, 3: t} for p, t in
-                                     (("dense", 10.0), ("skip_rows", 6.0), ("skip_rows+sparse_fc", 4.0))})
+                                    {p: {1: t, 3: t} for p, t in table.items()})
 
 
 def test_deploy_never_mutates_the_wrapped_model_and_leaves_no_fxprune_runtime():
@@ -177,7 +177,7 @@ def test_deploy_never_mutates_the_wrapped_model_and_leaves_no_fxprune_runtime():
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4, threshold=0.0))
     outputs(wrapped, x)
     state, code = copy.deepcopy(wrapped.state_dict()), wrapped.code
-    deployed = run_deploy(wrapped, x, times(dense=10.0, skip_rows__sparse_fc=1.0))
+    deployed = run_deploy(wrapped, x, times({"dense": 10.0, "skip_rows+sparse_fc": 1.0}))
     assert wrapped.code == code and wrapped.state_dict().keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(wrapped.state_dict()[key], value), key
@@ -191,7 +191,7 @@ def test_the_default_timer_measures_every_candidate_and_keeps_outputs():
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4, threshold=0.0))
     deployed = fxprune.deploy(wrapped, x, options=DeployOptions(batch_sizes=(1, 2), repeats=2, threads=1))
     [choice] = deployed.deploy_choices
-    assert set(choice.latency_ms) == {"dense", "skip_rows", "skip_rows+sparse_fc"}
+    assert set(choice.latency_ms) == {"dense", "skip_rows", "skip_rows+sparse_fc", "predict+sparse_fc"}
     assert all(set(t) == {1, 2} and min(t.values()) > 0 for t in choice.latency_ms.values())
     reference = wrapped if choice.path != "dense" else fxprune.export(wrapped)
     torch.testing.assert_close(outputs(deployed, x), outputs(reference, x), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,10 @@ graph (the chain, plus the consumer linear where one can be fused):
 - linear sites: "skip_rows" (:class:`~fxprune.deploy.kernels.ENPLinearKernel`: predicted output
   rows are not computed beyond the first k terms), and where the ReLU's only reader (through
   Identity/Dropout modules) is an nn.Linear that is not itself a site, "skip_rows+sparse_fc": the
-  same, with that linear reading only the weight rows of its non-zero inputs.
+  same, with that linear reading only the weight rows of its non-zero inputs, and
+  "predict+sparse_fc": every row computed in one contiguous matmul (gathering the kept rows of a
+  large weight can cost as much as reading them all), predicted elements zeroed, the same sparse
+  consumer.
 - conv sites: "skip_channels" (:class:`~fxprune.deploy.kernels.ENPConvKernel`).
 
 A skipping path outputs what the wrapped model's ENP op outputs (predicted elements 0, the others
@@ -155,8 +158,9 @@ def plan_site(gm: fx.GraphModule, node: fx.Node, modules: dict) -> SitePlan | st
     consumer, between = fusable_consumer(chain.act, modules)
     if consumer is not None:
         plan.consumer, plan.between = consumer, between
-        plan.candidates["skip_rows+sparse_fc"] = (
-            ENPLinearKernel(spec, module.weight, module.bias, bn, modules[consumer.target]), True)
+        for path, skip_rows in (("skip_rows+sparse_fc", True), ("predict+sparse_fc", False)):
+            plan.candidates[path] = (ENPLinearKernel(spec, module.weight, module.bias, bn, modules[consumer.target],
+                                                     skip_rows=skip_rows), True)
     return plan
 
 

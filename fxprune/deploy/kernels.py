@@ -117,11 +117,18 @@ def sparse_input_linear(h: Tensor, columns: Tensor, weight_t: Tensor, bias: Tens
 
 class ENPLinearKernel(ENPKernel):
     """An ENP linear site (``x`` channels last, any leading dims), optionally with the nn.Linear that
-    consumes its ReLU fused in (then only the rows of non-zero inputs of that linear are read)."""
+    consumes its ReLU fused in (then only the rows of non-zero inputs of that linear are read).
+
+    ``skip_rows=False`` computes the n - k other terms of every output (one contiguous matmul, no
+    gather) and only zeroes the predicted elements: no saving in this layer, but the fused
+    consumer still reads fewer rows (the predicted outputs are zeros too).
+    """
 
     def __init__(self, spec: ENPSpec, weight: Tensor, bias: Tensor | None, bn: nn.Module | None,
-                 consumer: nn.Linear | None = None):
+                 consumer: nn.Linear | None = None, *, skip_rows: bool = True):
         super().__init__(spec, weight, bias, bn)
+        self.skip_rows = skip_rows
+        self.register_buffer("all_rows", None if skip_rows else torch.arange(weight.shape[0], device=weight.device))
         self.register_buffer("w_first_sq", self.w_first * self.w_first if spec.rule == "ztest" else None)
         self.register_buffer("consumer_weight_t", None if consumer is None else consumer.weight.detach().t().contiguous())
         self.register_buffer("consumer_bias", None if consumer is None or consumer.bias is None
@@ -137,8 +144,11 @@ class ENPLinearKernel(ENPKernel):
         s_k = F.linear(xk, self.w_first)
         q_k = F.linear(xk * xk, self.w_first_sq) if self.rule == "ztest" else None
         predicted = self.predicted(s_k, q_k, residual)
-        kept = (~predicted).any(0).nonzero().squeeze(1)
-        pre = s_k.index_select(1, kept) + gather_linear(x[:, self.k:], self.w_rest, kept)
+        if self.skip_rows:
+            kept = (~predicted).any(0).nonzero().squeeze(1)
+            pre = s_k.index_select(1, kept) + gather_linear(x[:, self.k:], self.w_rest, kept)
+        else:
+            kept, pre = self.all_rows, s_k + F.linear(x[:, self.k:], self.w_rest)
         h = self.activation(pre, kept, residual, predicted, 1)
         if self.consumer_weight_t is None:
             out = s_k.new_zeros(s_k.shape).index_copy_(1, kept, h)
