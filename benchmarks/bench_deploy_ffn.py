@@ -65,16 +65,20 @@ def build(d: int, hidden: int, k: int, predicted: float, relu_sparsity: float, s
     return block, x, thresholds.tolist()
 
 
-def median_ms(fn, repeats: int) -> float:
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds of each callable, timed in turn within every repeat (so that a shared,
+    loaded machine slows them alike)."""
+    times = {name: [] for name in fns}
     with torch.no_grad():
-        for _ in range(5):
-            fn()
-        times = []
+        for fn in fns.values():
+            for _ in range(5):
+                fn()
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> list[str]:
@@ -104,11 +108,12 @@ def main(argv=None) -> list[str]:
         [choice] = deployed.deploy_choices
         reasons.append((threads, choice))
         kernel = deployed.get_submodule("fc1_deployed") if choice.path != "dense" else None
-        dense_ffn = median_ms(lambda: plain.fc2(torch.relu(plain.fc1(h))), repeats)
+        dense_span = lambda: plain.fc2(torch.relu(plain.fc1(h)))  # noqa: E731
         span = (lambda: kernel(h)) if choice.path.endswith("+sparse_fc") else (
-            (lambda: plain.fc2(kernel(h))) if kernel is not None else (lambda: plain.fc2(torch.relu(plain.fc1(h)))))
-        deployed_ffn = median_ms(span, repeats)
-        dense_block, deployed_block = median_ms(lambda: plain(x), repeats), median_ms(lambda: deployed(x), repeats)
+            (lambda: plain.fc2(kernel(h))) if kernel is not None else dense_span)
+        ms = interleaved_ms({"dense_ffn": dense_span, "deployed_ffn": span, "dense_block": lambda: plain(x),
+                             "deployed_block": lambda: deployed(x)}, repeats)
+        dense_ffn, deployed_ffn, dense_block, deployed_block = ms.values()
         rows.append(f"| {threads} | {args.predicted:.2f} | {args.relu_sparsity:.2f} | {choice.path} | {dense_ffn:.3f} | "
                     f"{deployed_ffn:.3f} | {dense_ffn / deployed_ffn:.2f}x | {dense_block:.3f} | {deployed_block:.3f} |")
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
