@@ -20,9 +20,7 @@ import argparse
 import math
 import os
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 import fxprune  # noqa: E402
+from fxprune.deploy.cost import median_ms  # noqa: E402
 from fxprune.exprune import ExPruneConfig  # noqa: E402
 
 
@@ -65,22 +64,6 @@ def build(d: int, hidden: int, k: int, predicted: float, relu_sparsity: float, s
     return block, x, thresholds.tolist()
 
 
-def interleaved_ms(fns: dict, repeats: int) -> dict:
-    """Median milliseconds of each callable, timed in turn within every repeat (so that a shared,
-    loaded machine slows them alike)."""
-    times = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            for _ in range(5):
-                fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--predicted", type=float, default=0.5, help="P: fraction of fc1 outputs predicted (<= R)")
@@ -111,7 +94,7 @@ def main(argv=None) -> list[str]:
         dense_span = lambda: plain.fc2(torch.relu(plain.fc1(h)))  # noqa: E731
         span = (lambda: kernel(h)) if choice.path.endswith("+sparse_fc") else (
             (lambda: plain.fc2(kernel(h))) if kernel is not None else dense_span)
-        ms = interleaved_ms({"dense_ffn": dense_span, "deployed_ffn": span, "dense_block": lambda: plain(x),
+        ms = median_ms("ffn", 1, {"dense_ffn": dense_span, "deployed_ffn": span, "dense_block": lambda: plain(x),
                              "deployed_block": lambda: deployed(x)}, repeats)
         dense_ffn, deployed_ffn, dense_block, deployed_block = ms.values()
         rows.append(f"| {threads} | {args.predicted:.2f} | {args.relu_sparsity:.2f} | {choice.path} | {dense_ffn:.3f} | "

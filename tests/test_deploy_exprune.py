@@ -67,7 +67,7 @@ def with_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def times(table: dict):
     """A measure callable returning fixed milliseconds per path (unlisted paths: 100 ms)."""
-    return lambda site, path, batch, fn, repeats: table.get(path, 100.0)
+    return lambda site, batch, fns, repeats: {path: table.get(path, 100.0) for path in fns}
 
 
 def run_deploy(wrapped, x, measure, options=OPTIONS):
@@ -146,7 +146,7 @@ def test_a_site_that_predicts_nothing_runs_dense_without_measuring():
     x = torch.randn(2, 5, 12)
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4))  # T = -inf
     measured = []
-    deployed = run_deploy(wrapped, x, lambda *args: measured.append(args) or 1.0)
+    deployed = run_deploy(wrapped, x, lambda *args: measured.append(args) or {})
     assert measured == []
     [choice] = deployed.deploy_choices
     assert choice.path == "dense" and "predicts nothing" in choice.reason

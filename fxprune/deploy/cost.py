@@ -3,8 +3,8 @@ another is clearly faster at every batch size.
 
 A pass records the values its site reads (:func:`record_values`) by running the plain graph on the
 example inputs repeated along dim 0 to each of ``DeployOptions.batch_sizes`` (:func:`batched`),
-times each candidate path on them with a :data:`Measure` callable (default :func:`median_ms`:
-median wall time over ``repeats`` calls after warm-up calls, no grad) and calls
+times the candidate paths on them with a :data:`Measure` callable (default :func:`median_ms`:
+median wall time over ``repeats`` calls, the paths in turn within each repeat) and calls
 :func:`choose_path`: a candidate replaces "dense" only when dense / candidate >= ``min_speedup`` at
 every batch size; among those, the one with the largest worst-case speedup (ties: the earlier
 candidate). The choice is a pure function of the measurements, so injected times give
@@ -20,22 +20,26 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
-# measure(name, path, batch, fn, repeats) -> median milliseconds of fn()
-Measure = Callable[[str, str, int, Callable[[], Any], int], float]
+# measure(name, batch, {path: fn}, repeats) -> {path: median milliseconds of fn()}
+Measure = Callable[[str, int, "dict[str, Callable[[], Any]]", int], "dict[str, float]"]
 WARMUP_CALLS = 3
 
 
-def median_ms(name: str, path: str, batch: int, fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls (after warm-up calls)."""
+def median_ms(name: str, batch: int, fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each ``fns[path]()`` in milliseconds over ``repeats`` calls (after warm-up
+    calls, no grad). The paths are timed in turn within each repeat, so that load from other
+    processes slows them alike instead of biasing whichever ran during a busy spell."""
+    times: dict[str, list[float]] = {path: [] for path in fns}
     with torch.no_grad():
-        for _ in range(WARMUP_CALLS):
-            fn()
-        times = []
+        for fn in fns.values():
+            for _ in range(WARMUP_CALLS):
+                fn()
         for _ in range(max(repeats, 1)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+            for path, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[path].append(time.perf_counter() - t0)
+    return {path: 1e3 * statistics.median(t) for path, t in times.items()}
 
 
 @contextlib.contextmanager

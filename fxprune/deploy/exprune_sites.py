@@ -115,8 +115,12 @@ class ExPruneSitesPass:
         consumer = gm.get_submodule(plan.consumer.target) if plan.consumer is not None else None
         for path, (kernel, fused) in plan.candidates.items():
             paths[path] = kernel if fused or consumer is None else _then(kernel, consumer)
-        latency = {path: {b: self.measure(site, path, b, _bound(fn, plan.inputs(recorded[b])), options.repeats)
-                          for b in options.batch_sizes} for path, fn in paths.items()}
+        latency: dict[str, dict[int, float]] = {path: {} for path in paths}
+        for b in options.batch_sizes:
+            inputs = plan.inputs(recorded[b])
+            measured = self.measure(site, b, {path: _bound(fn, inputs) for path, fn in paths.items()}, options.repeats)
+            for path in paths:
+                latency[path][b] = measured[path]
         path, reason = choose_path(latency, options.min_speedup)
         if path == "dense":
             return DeployChoice(site, path, reason, latency)
