@@ -211,3 +211,10 @@ def test_fxprune_deploy_is_both_the_package_and_the_function():
     x = torch.randn(2, 5, 12)
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4))
     assert deploy(wrapped, x).deploy_choices == fxprune.deploy(wrapped, x).deploy_choices
+
+
+def test_a_compiled_deployed_model_runs_its_kernels_eagerly_with_the_same_outputs():
+    x = torch.randn(2, 5, 12)
+    wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4, threshold=0.0))
+    deployed = run_deploy(wrapped, x, times({"dense": 10.0, "skip_rows+sparse_fc": 1.0}))
+    torch.testing.assert_close(outputs(torch.compile(deployed), x), outputs(wrapped, x), rtol=1e-4, atol=1e-5)
