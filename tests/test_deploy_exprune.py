@@ -16,6 +16,7 @@ from fxprune.deploy import DeployChoice, DeployOptions, ExPruneSitesPass
 from fxprune.deploy.cost import choose_path
 from fxprune.exprune import ExPruneConfig, ExPruneOp
 from hypothesis_profiles import examples
+from model_gen import random_bn_stats
 
 OPTIONS = DeployOptions(batch_sizes=(1, 3), repeats=1)
 
@@ -53,16 +54,6 @@ class ConvNet(nn.Module):
         y = torch.relu(self.bn1(self.conv1(x)))
         y = torch.relu(self.bn2(self.conv2(y)) + x)
         return self.fc(torch.relu(self.conv1d(y.flatten(2))).mean(2))
-
-
-def with_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 def times(table: dict):
@@ -115,7 +106,7 @@ def test_with_every_row_predicted_the_fused_consumer_outputs_its_bias(path):
        seed=st.integers(0, 2**16))
 def test_conv_sites_with_bn_and_residual_equal_the_exprune_ops(k, rule, level, seed):
     torch.manual_seed(seed)
-    model = with_bn_stats(ConvNet(), seed)
+    model = random_bn_stats(ConvNet(), seed)
     x = torch.randn(2, 3, 6, 6)
     knob = dict(alpha=0.5 + level) if rule == "ztest" else dict(threshold=level)
     wrapped = fxprune.wrap(model, x, exprune=ExPruneConfig(rule=rule, k=k, **knob))
@@ -132,7 +123,7 @@ def test_conv_sites_with_bn_and_residual_equal_the_exprune_ops(k, rule, level, s
 
 def test_sites_chosen_dense_output_the_dense_chain():
     x = torch.randn(2, 3, 6, 6)
-    wrapped = fxprune.wrap(with_bn_stats(ConvNet()), x, exprune=ExPruneConfig(k=2, threshold=0.1))
+    wrapped = fxprune.wrap(random_bn_stats(ConvNet()), x, exprune=ExPruneConfig(k=2, threshold=0.1))
     deployed = run_deploy(wrapped, x, times({"dense": 1.0, "skip_channels": 1.02}))
     assert {c.path for c in deployed.deploy_choices} == {"dense"}
     assert all("no candidate is 1.05x faster" in c.reason for c in deployed.deploy_choices)
