@@ -2,6 +2,7 @@
 
 Public surface (see README): ``wrap``, ``analyze`` (``Analysis``), ``HyperfluxConfig``,
 ``ExPruneConfig``, ``calibrate``, ``flops`` (``FlopReport``), ``export`` (``ExportError``),
+``deploy`` (``DeployOptions``, ``DeployChoice``),
 ``register_rule``, ``register_leaf_module`` and the errors and warnings. Stages, in the order data flows:
 ``capture`` -> ``analysis`` -> ``exprune`` / ``hyperflux`` -> ``runtime`` -> ``report`` /
 ``exporting``; ``wrap`` and ``pipeline`` compose them; ``plugins`` loads the integrations
@@ -27,13 +28,16 @@ _LAZY = {
     "ExportError": ("fxprune.exporting", "ExportError"),
     "ExPruneConfig": ("fxprune.exprune.config", "ExPruneConfig"),
     "calibrate": ("fxprune.exprune.calibrate", "calibrate"),
+    "deploy": ("fxprune.deploy", None),  # the package itself: calling it calls fxprune.deploy.deploy
+    "DeployOptions": ("fxprune.deploy.choices", "DeployOptions"),
+    "DeployChoice": ("fxprune.deploy.choices", "DeployChoice"),
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         module, attr = _LAZY[name]
-        value = getattr(_import_module(module), attr)
+        value = _import_module(module) if attr is None else getattr(_import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fxprune' has no attribute '{name}'")

@@ -12,6 +12,7 @@ The module is ``exporting`` (not ``export``) so that importing it never replaces
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +39,25 @@ class ExportError(FxpruneError):
     """The exported model cannot be built or does not reproduce the gated model's outputs."""
 
 
+@dataclass
+class ExportedGraph:
+    """The plain graph of a wrapped model before its outputs are checked (see :func:`exported_graph`).
+
+    Attributes:
+        module: the plain GraphModule (ExPrune stripped, gates folded, fxprune modules gone).
+        inputs: the example inputs, on the model's device.
+        reference: the gated model's outputs on ``inputs`` (ExPrune stripped: the dense chains).
+        removals: the channels removed per space (empty without channel gates or removal).
+        source: the wrapped model (not a copy: never mutate it).
+    """
+
+    module: fx.GraphModule
+    inputs: tuple
+    reference: Any
+    removals: dict
+    source: fx.GraphModule
+
+
 def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: bool = True,
            rtol: float = 1e-4, atol: float = 1e-5) -> fx.GraphModule:
     """A plain module with the same outputs as ``model`` and no fxprune code.
@@ -50,6 +70,18 @@ def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: boo
         rtol, atol: tolerance of the output check (atol is relative to the largest output value).
     Raises:
         ExportError: when the exported model's outputs differ from the gated model's.
+    """
+    exported = exported_graph(model, example_inputs, remove_channels=remove_channels)
+    verify_export(exported, rtol, atol)
+    exported.module.train(exported.source.training)
+    return exported.module
+
+
+def exported_graph(model: nn.Module, example_inputs: Any = None, *, remove_channels: bool = True) -> ExportedGraph:
+    """The steps of :func:`export` before the output check: strip, fold, rebuild (on a deep copy).
+
+    The restored chains keep their ExPrune sites' specs in ``node.meta`` (see
+    :func:`fxprune.exprune.strip_exprune`). Raises :class:`ExportError` for a model never wrapped.
     """
     source = compiled_original(model)  # torch.compile wrapper
     if not isinstance(source, fx.GraphModule):
@@ -68,9 +100,14 @@ def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: boo
     leftovers = [name for name, m in plain.named_modules() if isinstance(m, FXPRUNE_MODULES)]
     if leftovers:
         raise ExportError(f"the exported graph still calls fxprune modules: {', '.join(leftovers)}")
-    _verify(plain, inputs, reference, rtol, atol, removals)
-    plain.train(source.training)
-    return plain
+    return ExportedGraph(plain, inputs, reference, removals, source)
+
+
+def verify_export(exported: ExportedGraph, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Raise :class:`ExportError` unless ``exported.module`` reproduces the gated model's outputs."""
+    hint = ("; export(model, remove_channels=False) folds the masks without removing channels"
+            if exported.removals else "")
+    verify_outputs(exported.module, exported.inputs, exported.reference, rtol, atol, hint=hint)
 
 
 def _strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
@@ -91,28 +128,30 @@ def _inputs(gm: fx.GraphModule, runtime: HyperfluxRuntime | None, example_inputs
     return tuple(x.to(device) if isinstance(x, torch.Tensor) and device is not None else x for x in inputs)
 
 
-def _verify(plain: fx.GraphModule, inputs: tuple, reference: Any, rtol: float, atol: float, removals: dict) -> None:
-    hint = ("; export(model, remove_channels=False) folds the masks without removing channels"
-            if removals else "")
+def verify_outputs(plain: nn.Module, inputs: tuple, reference: Any, rtol: float, atol: float, *, hint: str = "",
+                   what: str = "exported model", against: str = "gated model") -> None:
+    """Raise :class:`ExportError` unless ``plain(*inputs)`` equals ``reference`` (every tensor within
+    ``rtol`` and ``atol`` times the tensor's largest magnitude); the message names ``what`` and
+    ``against`` and ends with ``hint``."""
     try:
         with torch.no_grad():
             output = plain(*inputs)
     except Exception as exc:
-        raise ExportError(f"the exported model fails on the example inputs ({type(exc).__name__}: "
+        raise ExportError(f"the {what} fails on the example inputs ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}){hint}") from exc
     expected, got = _flatten(reference), _flatten(output)
     if len(expected) != len(got):
-        raise ExportError(f"the exported model returns {len(got)} values, the gated model {len(expected)}{hint}")
+        raise ExportError(f"the {what} returns {len(got)} values, the {against} {len(expected)}{hint}")
     for i, (a, b) in enumerate(zip(expected, got)):
         if isinstance(a, torch.Tensor):
             scale = float(a.abs().max()) if a.numel() and a.is_floating_point() else 1.0
             same = a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol * max(1.0, scale))
             if not same:
                 diff = (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)} vs {tuple(a.shape)}"
-                raise ExportError(f"output {i} of the exported model differs from the gated model "
+                raise ExportError(f"output {i} of the {what} differs from the {against} "
                                   f"(max abs difference {diff}){hint}")
         elif a != b:
-            raise ExportError(f"output {i} of the exported model differs from the gated model: {b!r} vs {a!r}{hint}")
+            raise ExportError(f"output {i} of the {what} differs from the {against}: {b!r} vs {a!r}{hint}")
 
 
 def _flatten(value: Any) -> list:

@@ -359,3 +359,15 @@ def gnn_models(draw):
     lift = nn.Linear(5, layers[0].nn[0].in_features if isinstance(layers[0], GINConv) else layers[0].in_channels)
     return GraphNet(lift, layers, norms, nn.Linear(width, 3)).eval(), random_graph(12, seed=draw(st.integers(0, 1000)))
 
+
+
+def random_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in eval mode with random running statistics and weights in its BatchNorm2d layers
+    (so that folding them into ExPrune's statistic is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()

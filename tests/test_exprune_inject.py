@@ -11,6 +11,7 @@ import fxprune
 from fxprune.errors import ConfigError, WrapError
 from fxprune.exprune import ExPruneConfig, apply_exprune, strip_exprune
 from hyperflux_models import WeightMask
+from model_gen import random_bn_stats
 
 
 class Block(nn.Module):
@@ -44,16 +45,6 @@ class ToyResNet(nn.Module):
         return self.fc(seq.mean(2))
 
 
-def bn_stats(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
-
-
 def inject(model, x, **cfg):
     a = fxprune.analyze(copy.deepcopy(model), x)
     return a.graph_module, apply_exprune(a.graph_module, ExPruneConfig(**cfg))
@@ -61,7 +52,7 @@ def inject(model, x, **cfg):
 
 def test_toy_resnet_sites_safe_default_and_pruning():
     torch.manual_seed(0)
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     x = torch.randn(2, 3, 6, 6)
     gm, rt = inject(model, x, k=4, heads=True)
     assert set(rt.ops) == {"layer.0.conv1", "layer.0.conv2", "layer.1.conv1", "layer.1.conv2", "conv1d", "fc"}
@@ -95,7 +86,7 @@ def test_config_validation_names_the_field():
         ExPruneConfig(alpha={"a": 1.5})
     with pytest.raises(ConfigError, match="sites"):
         ExPruneConfig(sites="layer")
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     with pytest.raises(ConfigError, match="nope"):
         inject(model, torch.randn(1, 3, 4, 4), k=4, threshold={"nope": 0.0})
     gm, rt = inject(model, torch.randn(1, 3, 4, 4), k=4)
@@ -104,7 +95,7 @@ def test_config_validation_names_the_field():
 
 
 def test_skips_are_recorded_with_reasons():
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     x = torch.randn(1, 3, 4, 4)
     gm, rt = inject(model, x, k=10, sites=["layer.0.conv1", "fc"])
     assert not rt.ops
@@ -121,7 +112,7 @@ def test_bn_in_training_mode_is_refused():
 
 
 def test_strip_restores_the_dense_chain():
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     x = torch.randn(2, 3, 5, 5)
     gm, rt = inject(model, x, k=4, threshold=0.1)
     strip_exprune(gm)
@@ -132,7 +123,7 @@ def test_strip_restores_the_dense_chain():
 
 def test_weight_parametrization_still_applies():
     """A Hyperflux-style parametrization that zeroes weights is read at run time and counted."""
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     x = torch.randn(2, 3, 5, 5)
     gm, rt = inject(model, x, k=4)
     mask = (torch.rand_like(model.layer[0].conv2.weight) > 0.5).float()
@@ -151,7 +142,7 @@ def test_compile_has_no_graph_breaks_and_thresholds_do_not_recompile():
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     x = torch.randn(2, 3, 5, 5)
     gm, rt = inject(model, x, k=4, rule="ztest", heads=True)
     explanation = torch._dynamo.explain(gm)(x)
@@ -168,7 +159,7 @@ def test_compile_has_no_graph_breaks_and_thresholds_do_not_recompile():
 def test_composes_with_hyperflux_zero_weights_are_free():
     """ExPrune on a Hyperflux-wrapped model: closed gates zero weights; the op reads the gated weight
     and counts only non-zero weights."""
-    model = bn_stats(ToyResNet())
+    model = random_bn_stats(ToyResNet())
     x = torch.randn(2, 3, 5, 5)
     wrapped = fxprune.wrap(model, x, hyperflux=fxprune.HyperfluxConfig(0.5, pruning_steps=10),
                            exprune=ExPruneConfig(k=4))

@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .ops import ExPruneOp
 from .sites import REJECTED_KEY, SITE_KEY
+from .spec import SPEC_KEY, enp_spec
 
 OP_ATTR = "exprune"  # the op's name under the module of its site
 
@@ -85,7 +86,7 @@ def replace_chain(gm: fx.GraphModule, chain: list[fx.Node], path: str, args: tup
         new = graph.call_module(path, new_args, new_kwargs)
     meta = {k: v for node in chain for k, v in node.meta.items() if k.startswith("fxprune_")}
     meta.update(last.meta)
-    new.meta = {k: v for k, v in meta.items() if k not in (SITE_KEY, REJECTED_KEY)}
+    new.meta = {k: v for k, v in meta.items() if k not in (SITE_KEY, REJECTED_KEY, SPEC_KEY)}
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         graph.erase_node(node)
@@ -110,14 +111,18 @@ def _portable(meta: dict) -> dict:
             return tm._replace(memory_format=None)
         return type(tm)(map(strip, tm)) if isinstance(tm, (tuple, list)) else tm
 
-    meta = {k: v for k, v in meta.items() if k != SITE_KEY}
+    meta = {k: v for k, v in meta.items() if k not in (SITE_KEY, SPEC_KEY)}
     if "tensor_meta" in meta:
         meta["tensor_meta"] = strip(meta["tensor_meta"])
     return meta
 
 
 def strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
-    """Put the original dense chains back in place of every ExPrune op (mutates and recompiles gm)."""
+    """Put the original dense chains back in place of every ExPrune op (mutates and recompiles gm).
+
+    The first node of a chain restored from a core ENP op carries the op's
+    :class:`~fxprune.exprune.spec.ENPSpec` in ``meta[SPEC_KEY]`` (what deployment rebuilds).
+    """
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ExPruneOp):
@@ -135,6 +140,9 @@ def strip_exprune(gm: fx.GraphModule) -> fx.GraphModule:
                                         _map_refs(spec.kwargs, resolve), name=spec.name)
                 new.meta = dict(spec.meta)
                 created.append(new)
+        spec = enp_spec(op, tuple(n.name for n in created))
+        if spec is not None:
+            created[0].meta[SPEC_KEY] = spec
         node.replace_all_uses_with(created[-1])
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
         graph.erase_node(node)
