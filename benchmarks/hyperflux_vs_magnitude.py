@@ -7,7 +7,7 @@ for every method:
 - Hyperflux: ``fxprune.wrap(model, x, hyperflux=HyperfluxConfig(target, pruning_steps=P,
   regrowth_steps=R, ...))`` and ``model.fxprune.step()`` after each optimiser step; then
   ``fxprune.export``. Two rows: fxprune's defaults (lookahead controller, exact final density) and
-  the paper's controller alone (``lookahead=False, exact_target=False``) as an ablation.
+  the paper's controller alone (``lookahead=False, exact_target=False, score_init="uniform"``) as an ablation.
 - Magnitude: gradual global magnitude pruning (cubic schedule of Zhu & Gupta 2017 over the same P
   steps, one global |w| threshold over the same weights: every conv and linear weight), masks
   re-applied after each optimiser step, then R steps of fine-tuning with the final mask.
@@ -53,7 +53,7 @@ TEST_SEED = 2026  # augmentation draw of the test copies
 # within one pressure update, so gate lr 0.04 (paper 1e-3 over 100+ epochs; reaction time
 # mean(gate_init) / gate_lr = 9 steps) and an update every 12 steps.
 HYPERFLUX = dict(gate_lr=0.04, scheduler_interval=12, gate_init=(0.2, 0.5))
-PAPER_CONTROLLER = dict(lookahead=False, exact_target=False)
+PAPER_CONTROLLER = dict(lookahead=False, exact_target=False, score_init="uniform")
 TUNING = ("chosen on the calibration split (305 digits + 4 augmented copies each; never the test split) by "
           "validation accuracy at 95 / 98 % sparsity: gate lr 0.02, update every 12 steps: 98.10 / 97.51 %; gate lr "
           "0.04: 98.30 / 98.16 %; every 6 steps: 98.36 / 97.70 %; every 24 steps: 98.89 / 42.89 % (the controller "

@@ -159,7 +159,7 @@ def test_one_epoch_default_schedule_keeps_magnitude_accuracy(digits_and_dense):
 def test_old_default_on_one_epoch_warns_twice_and_cuts_at_random(digits_and_dense):
     x, y, x_test, y_test, dense = digits_and_dense
     with pytest.warns(ScheduleWarning, match="needs ~500 steps"):
-        config = HyperfluxConfig(0.9, pruning_steps=44, gate_lr=1e-3)
+        config = HyperfluxConfig(0.9, pruning_steps=44, gate_lr=1e-3, score_init="uniform")
         wrapped = fxprune.wrap(copy.deepcopy(dense), x[:2], hyperflux=config)
     with pytest.warns(ScheduleWarning, match=r"correction at step 44 closed \d+ of \d+ gates at once"):
         fit(wrapped, x, y, epochs=1, lr=0.01, after_step=wrapped.fxprune.step)

@@ -30,7 +30,7 @@ from . import models
 from .tasks import Task
 
 REGROWTH_FRACTION = 0.2
-PAPER_CONTROLLER = dict(lookahead=False, exact_target=False)
+PAPER_CONTROLLER = dict(lookahead=False, exact_target=False, score_init="uniform")
 
 
 def phases(task: Task, epochs: int) -> tuple[int, int]:

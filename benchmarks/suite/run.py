@@ -200,7 +200,7 @@ class Suite:
                 f"calibration; test split only reported.")
         what = {
             "weight": "Hyperflux with only target_sparsity, pruning_steps, regrowth_steps given (last 20 % of the "
-                      "fine-tuning steps = regrowth); the paper's controller = lookahead=False, exact_target=False; "
+                      "fine-tuning steps = regrowth); the paper's controller = lookahead=False, exact_target=False, score_init='uniform'; "
                       "global magnitude = torch.nn.utils.prune.global_unstructured, cubic schedule. Effective MACs "
                       "count the zero weights as skipped (fxprune.flops).",
             "channel": "Hyperflux granularity='channel', weight_by='macs' (target = fraction of gated MACs), then "

@@ -2,9 +2,10 @@
 
 Units: sparsities and densities are fractions in [0, 1] (0.9 = 90 % pruned); durations are
 optimiser steps (calls of ``model.fxprune.step()``). Defaults follow the authors' code, except
-two of fxprune's own, on by default (see their descriptions): ``lookahead`` (the controller counts
-the closures in flight) and ``exact_target`` (the density is put on the target at the end of the
-pruning phase and when the gates freeze). ``lookahead=False, exact_target=False`` is the paper.
+three of fxprune's own, on by default (see their descriptions): ``lookahead`` (the controller
+counts the closures in flight), ``exact_target`` (the density is put on the target at the end of
+the pruning phase and when the gates freeze) and ``score_init="magnitude"`` (scores start ranked by
+weight magnitude). ``lookahead=False, exact_target=False, score_init="uniform"`` is the paper.
 
 Schedule-aware defaults: ``gate_lr`` and ``scheduler_interval`` left at None are derived from
 ``pruning_steps`` (formulas in ``HyperfluxConfig``), so that a gate can close within the schedule
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..errors import ConfigError, ScheduleWarning
+from .score_init import SCORE_INITS
 
 GRANULARITIES = ("weight", "channel")
 WEIGHTINGS = ("params", "macs")
@@ -56,7 +58,12 @@ class HyperfluxConfig:
             closes in time and the correction at the end of pruning (``exact_target``) closes
             almost all of them at once, ranked by their random initial scores. A gate_lr with which a gate needs more than a quarter of the pruning phase to close
             draws a ``ScheduleWarning`` (``schedule_problems``).
-        gate_init: scores start uniform in [low, high]; low >= 0 so every gate starts open.
+        gate_init: scores start in [low, high]; low >= 0 so every gate starts open.
+        score_init: where in gate_init each score starts (:mod:`fxprune.hyperflux.score_init`):
+            "magnitude" (default): by the rank of the weight's magnitude (global over the gated
+            weights; per space for channels, by the channel's normalised norm), so that the small
+            ones close first and a short schedule prunes at least like magnitude pruning, the flux
+            reordering from there; "uniform": random, the paper's.
         regrowth_lr_decay: factor applied to the gate learning rate at each scheduler interval of
             the regrowth phase (geometric decay).
         gamma_step: controller gain: how much gamma moves per scheduler update.
@@ -105,6 +112,7 @@ class HyperfluxConfig:
     ste_scale: float = 0.25
     gate_lr: Optional[float] = None
     gate_init: tuple[float, float] = (0.2, 0.5)
+    score_init: str = "magnitude"
     regrowth_lr_decay: float = 0.95
     gamma_step: float = 0.3
     gamma_inertia_step: float = 0.075
@@ -143,6 +151,7 @@ class HyperfluxConfig:
         if not (isinstance(self.regrowth_lr_decay, (int, float)) and 0 < self.regrowth_lr_decay <= 1):
             raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
         _choice("weight_by", self.weight_by, WEIGHTINGS)
+        _choice("score_init", self.score_init, SCORE_INITS)
         for name in ("exact_target", "lookahead"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"HyperfluxConfig.{name} must be True or False, got {getattr(self, name)!r}")

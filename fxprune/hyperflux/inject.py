@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from .config import HyperfluxConfig
 from .gate import ChannelGate, GateScores, WeightGate
 from .runtime import ChannelPlan, GatedTensor, HyperfluxRuntime
+from .score_init import channel_importance, rank_scores, weight_magnitude_scores
 from .targets import GateTarget, gate_targets_of, outside_use, space_ids
 
 
@@ -115,9 +116,14 @@ class _Injector:
             return 1.0
         return self.macs[key] / self.params[key].numel()
 
-    def new_scores(self, name: str, shape: tuple, device: torch.device) -> GateScores:
+    def new_scores(self, name: str, shape: tuple, device: torch.device, magnitude: torch.Tensor | None = None) -> GateScores:
+        """Scores in ``config.gate_init``: from ``magnitude`` (a tensor of the scores' shape, already
+        mapped onto gate_init, see :mod:`.score_init`) with ``score_init="magnitude"``, else uniform."""
         low, high = self.config.gate_init
-        score = torch.empty(shape).uniform_(low, high, generator=self.generator).to(device)
+        if self.config.score_init == "magnitude" and magnitude is not None:
+            score = magnitude.detach().float().to(device)
+        else:
+            score = torch.empty(shape).uniform_(low, high, generator=self.generator).to(device)
         gate = GateScores(name, score, torch.zeros(()))
         self.gates.append(gate)
         return gate
@@ -132,13 +138,18 @@ class _Injector:
 
     # -- weight granularity --------------------------------------------------------------
     def gate_weights(self, targets: list[GateTarget]) -> None:
+        gated = []
         for target in targets:
             reason = self.ungateable(target.key)
             if reason:
                 self.skipped[target.key] = reason
                 continue
+            gated.append(target)
+        initial = weight_magnitude_scores([self.params[t.key] for t in gated], *self.config.gate_init) \
+            if gated and self.config.score_init == "magnitude" else [None] * len(gated)
+        for target, magnitude in zip(gated, initial):
             weight = self.params[target.key]
-            scores = self.new_scores(target.key, tuple(weight.shape), weight.device)
+            scores = self.new_scores(target.key, tuple(weight.shape), weight.device, magnitude)
             self.shares.append(torch.tensor(self.element_cost(target.key)))
             gate = WeightGate(scores, self.config.ste_scale)
             self.parametrize(target.key, gate)
@@ -163,9 +174,12 @@ class _Injector:
                 self.skipped[f"space {space.id}"] = reason
                 continue
             device = self.params[consumers[0].key].device
-            scores = self.new_scores(f"space {space.id}", (space.size,), device)
-            self.plans.append(ChannelPlan(space.id, len(self.gates) - 1, space.size, list(space.members)))
             counted = [m for m in space.members if m.key in weights]
+            indexed = [(m, channel_index(m.positions, self.params[m.key].shape[m.axis], space.size)) for m in counted]
+            importance = channel_importance(space.size, [(self.params[m.key], m.axis, i) for m, i in indexed])
+            scores = self.new_scores(f"space {space.id}", (space.size,), device,
+                                     rank_scores(importance, *self.config.gate_init))
+            self.plans.append(ChannelPlan(space.id, len(self.gates) - 1, space.size, list(space.members)))
             self.shares.append(self.channel_costs(space, counted))
             for members, parts in ((consumers, mask_parts), (counted, count_parts)):
                 for m in members:

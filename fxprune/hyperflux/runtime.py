@@ -165,7 +165,14 @@ class HyperfluxRuntime(nn.Module):
         margin = self.config.gate_lr * self.config.scheduler_interval
         value = margin if reopen else -margin
 
-        def density_after(k: int) -> float:
+        additive = self._element_costs()  # weight gates: each moved score changes the density by its cost
+        if additive is not None:
+            signed = additive[order] if reopen else -additive[order]
+            steps = torch.cat([torch.zeros(1, dtype=torch.float64), signed.cumsum(0)]) / self.total_cost
+
+        def density_after(k: int, write: bool = False) -> float:
+            if additive is not None and not write:  # no need to touch the scores
+                return before + float(steps[k])
             moved = flat.clone()
             moved[order[:k]] = value
             self._write_scores(moved)
@@ -185,10 +192,20 @@ class HyperfluxRuntime(nn.Module):
             if high > 0 and abs(density_after(high - 1) - target) < abs(density_after(high) - target):
                 high -= 1
         k = high if before != target else 0
-        after = density_after(k)
+        after = density_after(k, write=True)
         self.corrections.append({"step": self.scheduler.steps, "density_before": before, "density_after": after,
                                  "reopened": k if reopen else 0, "closed": 0 if reopen else k})
         return dict(self.corrections[-1])
+
+    def _element_costs(self) -> torch.Tensor | None:
+        """Cost of each score, in the order of the concatenated scores, when every gate is a weight
+        gate counted by one tensor (the density is then a sum over the open scores); else None."""
+        if self.config.granularity != "weight" or len(self.tensors) != len(self.gates):
+            return None
+        if any(t.mask.scores is not g for t, g in zip(self.tensors, self.gates)):
+            return None
+        return torch.cat([torch.full((g.score.numel(),), t.cost, dtype=torch.float64)
+                          for t, g in zip(self.tensors, self.gates)])
 
     def _warn_if_large(self, correction: dict) -> None:
         """ScheduleWarning, with the numbers, when an automatic correction moved more than
