@@ -28,7 +28,7 @@ from .hyperflux.inject import synthetic_inputs
 from .hyperflux.runtime import HyperfluxRuntime
 from .runtime import Controller
 
-__all__ = ["export", "ExportError"]
+__all__ = ["export", "ExportError", "verify_outputs"]
 
 # fxprune's module classes: none may be left in an exported model.
 FXPRUNE_MODULES = (Controller, ExPruneOp, ExPruneRuntime, HyperfluxRuntime, GateScores, WeightGate, ChannelGate)
@@ -68,7 +68,9 @@ def export(model: nn.Module, example_inputs: Any = None, *, remove_channels: boo
     leftovers = [name for name, m in plain.named_modules() if isinstance(m, FXPRUNE_MODULES)]
     if leftovers:
         raise ExportError(f"the exported graph still calls fxprune modules: {', '.join(leftovers)}")
-    _verify(plain, inputs, reference, rtol, atol, removals)
+    hint = ("; export(model, remove_channels=False) folds the masks without removing channels"
+            if removals else "")
+    verify_outputs(plain, inputs, reference, rtol=rtol, atol=atol, hint=hint)
     plain.train(source.training)
     return plain
 
@@ -91,28 +93,33 @@ def _inputs(gm: fx.GraphModule, runtime: HyperfluxRuntime | None, example_inputs
     return tuple(x.to(device) if isinstance(x, torch.Tensor) and device is not None else x for x in inputs)
 
 
-def _verify(plain: fx.GraphModule, inputs: tuple, reference: Any, rtol: float, atol: float, removals: dict) -> None:
-    hint = ("; export(model, remove_channels=False) folds the masks without removing channels"
-            if removals else "")
+def verify_outputs(module: nn.Module, inputs: tuple, reference: Any, *, rtol: float = 1e-4, atol: float = 1e-5,
+                   what: str = "the exported model", against: str = "the gated model", hint: str = "") -> None:
+    """Raise :class:`ExportError` unless ``module(*inputs)`` (no grad) matches ``reference``.
+
+    Tensors must have the same shape and be ``allclose`` with ``rtol`` and ``atol`` times the
+    largest absolute reference value (at least 1); other values must be equal. ``what`` and
+    ``against`` name the two models in the message; ``hint`` is appended to it.
+    """
     try:
         with torch.no_grad():
-            output = plain(*inputs)
+            output = module(*inputs)
     except Exception as exc:
-        raise ExportError(f"the exported model fails on the example inputs ({type(exc).__name__}: "
+        raise ExportError(f"{what} fails on the example inputs ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}){hint}") from exc
     expected, got = _flatten(reference), _flatten(output)
     if len(expected) != len(got):
-        raise ExportError(f"the exported model returns {len(got)} values, the gated model {len(expected)}{hint}")
+        raise ExportError(f"{what} returns {len(got)} values, {against} {len(expected)}{hint}")
     for i, (a, b) in enumerate(zip(expected, got)):
         if isinstance(a, torch.Tensor):
             scale = float(a.abs().max()) if a.numel() and a.is_floating_point() else 1.0
             same = a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol * max(1.0, scale))
             if not same:
                 diff = (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)} vs {tuple(a.shape)}"
-                raise ExportError(f"output {i} of the exported model differs from the gated model "
+                raise ExportError(f"output {i} of {what} differs from {against} "
                                   f"(max abs difference {diff}){hint}")
         elif a != b:
-            raise ExportError(f"output {i} of the exported model differs from the gated model: {b!r} vs {a!r}{hint}")
+            raise ExportError(f"output {i} of {what} differs from {against}: {b!r} vs {a!r}{hint}")
 
 
 def _flatten(value: Any) -> list:

@@ -1,0 +1,1 @@
+"""Deployment passes on plain exported models (placeholder: the fxprune.deploy entry point is merged from its own branch)."""
