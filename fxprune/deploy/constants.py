@@ -190,7 +190,7 @@ def insert_full_constant(graph: fx.Graph, constant: Constant, attr: fx.Node, mod
     ``attr.expand(shape).contiguous()``, the shape derived from the root's input size at run time."""
     root = constant.root
     module = modules[root.target]
-    size = graph.call_method("size", (root.args[0],))
+    size = graph.call_method("size", (_size_source(root, module, modules),))
     if isinstance(module, nn.Linear):
         lead = graph.call_function(operator.getitem, (size, slice(None, -1)))
         dims: tuple = (graph.call_function(operator.add, (lead, (module.out_features,))),)
@@ -212,6 +212,19 @@ def insert_full_constant(graph: fx.Graph, constant: Constant, attr: fx.Node, mod
             dims += (graph.call_function(operator.add, (steps, 1)),)
     expanded = graph.call_method("expand", (attr, *dims))
     return graph.call_method("contiguous", (expanded,))
+
+
+def _size_source(root: fx.Node, module: nn.Module, modules: dict[str, nn.Module]) -> fx.Node:
+    """The earliest node whose size gives the root's output size as its input's would: up through
+    single-input elementwise ops (same shape) and, for a linear root, linear layers (same leading
+    dims), so that layers computed only for their output's size become dead code."""
+    source = root.args[0]
+    while source.op != "placeholder" and source.args and isinstance(source.args[0], fx.Node):
+        same_lead = isinstance(module, nn.Linear) and isinstance(called_module(source, modules), nn.Linear)
+        if len(source.all_input_nodes) != 1 or not (same_lead or _elementwise(source, modules)):
+            break
+        source = source.args[0]
+    return source
 
 
 def _fetch(gm: fx.GraphModule, target: str):

@@ -14,9 +14,10 @@ take as long as before. Two passes, each ``pass_(gm, example_inputs, options) ->
   options, by at least ``options.min_speedup``. Outputs equal the dense ones up to summation order
   (checked with rtol 1e-4 and atol 1e-5 x the largest output).
 
-Both passes check the rewritten model's outputs against the given model's on the example inputs
-and raise :class:`fxprune.ExportError` when they differ. They mutate only the GraphModule they are
-given (new buffers and nodes, removed submodules), never a tensor in place.
+Both passes need a model in eval mode, check the rewritten model's outputs against the given
+model's on the example inputs and raise :class:`fxprune.ExportError` when they differ. They mutate
+only the GraphModule they are given (new buffers and nodes, removed submodules), never a tensor in
+place.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from torch import nn
 from ..analysis.nodes import called_module, tensor_shape
 from ..capture import propagate_shapes
 from ..compat import ConvNd
-from ..exporting import verify_outputs
+from ..exporting import ExportError, verify_outputs
 from .choices import DeployChoice, DeployOptions
 from .constants import (Constant, add_operand, identity_is_safe, insert_full_constant, propagate, root_constant,
                         zero_fraction)
@@ -267,6 +268,11 @@ def _threads(threads: int | None) -> Iterator[None]:
 
 
 def _run(gm: fx.GraphModule, inputs: tuple) -> Any:
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    training = [name for name, m in gm.named_modules() if name in called and m.training]
+    if training:
+        raise ExportError(f"deployment passes rewrite a model for inference, but {', '.join(training[:3])}"
+                          f"{' ...' if len(training) > 3 else ''} is in training mode: call model.eval() first")
     with torch.no_grad():
         return gm(*inputs)
 
