@@ -87,7 +87,7 @@ def interleaved_ms(models: dict, inputs: tuple, rounds: int) -> dict:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def run_model(name: str, cfg: dict, quick: bool) -> list[str]:
+def run_model(name: str, cfg: dict, quick: bool) -> list[list[str]]:
     dense, make_inputs = build(name, quick)
     rows = []
     for sparsity in cfg["sparsities"]:
@@ -98,14 +98,14 @@ def run_model(name: str, cfg: dict, quick: bool) -> list[str]:
         choices = [c for deploy_pass in WEIGHT_PASSES for c in deploy_pass(deployed, example, options)]
         paths = Counter(c.path for c in choices if c.path != "dense")
         summary = ", ".join(f"{n} {p}" for p, n in sorted(paths.items())) or "none"
-        cells = []
+        cells = [name, f"{sparsity:.0%}", summary]
         for batch in cfg["batches"]:
             ms = interleaved_ms({"dense": dense, "exported": exported, "deployed": deployed}, make_inputs(batch),
                                 cfg["rounds"])
             cells += [f"{ms['dense']:.3g}", f"{ms['exported']:.3g}", f"{ms['deployed']:.3g}",
                       f"{ms['dense'] / ms['deployed']:.2f}x"]
-        rows.append(f"| {name} | {sparsity:.0%} | {summary} | " + " | ".join(cells) + " |")
-        print(rows[-1], flush=True)
+        rows.append(cells)
+        print(" | ".join(cells), flush=True)
     return rows
 
 
@@ -116,16 +116,11 @@ def main(argv=None) -> int:
     head = ["model", "sparsity", "passes applied"]
     for b in cfg["batches"]:
         head += [f"dense b{b}", f"exported b{b}", f"deployed b{b}", f"speed-up b{b}"]
-    body = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in cfg["models"]:
-        body += run_model(name, cfg, args.quick)
+    body = _common.table(head, [row for name in cfg["models"] for row in run_model(name, cfg, args.quick)])
     body += ["", f"Milliseconds per forward (median of {cfg['rounds']} interleaved calls), {torch.get_num_threads()} "
                  f"torch thread(s); speed-up = dense / deployed. Sparsity: fraction of the gated conv/linear "
                  f"weights that are zero."]
-    text = _common.section(HEADING, _common.command("bench_deploy_weights.py", argv), body, _common.load_note())
-    _common.finish(args, text)
-    return 0
-
+    return _common.report(args, HEADING, "bench_deploy_weights.py", argv, body)
 
 if __name__ == "__main__":
     raise SystemExit(main())

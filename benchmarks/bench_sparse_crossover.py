@@ -3,13 +3,16 @@
 For each weight shape (in -> out features) and batch size, a random weight with an exact fraction
 of zeros (unstructured, uniform positions) runs as ``F.linear`` (dense) and as
 :func:`fxprune.deploy.weights.csr_linear` (the ops the ``sparse_linear`` pass inserts:
-``torch.sparse_csr_tensor`` + ``addmm``, MKL on CPU). Times are medians in ms; the crossover is
-the lowest measured sparsity from which CSR is faster at it and every higher one.
+``torch.sparse_csr_tensor`` + ``addmm``, MKL on CPU). Times are medians in ms, of this thread's CPU
+time with one torch thread (not inflated by other jobs on a shared machine), else of wall time; the
+crossover is the lowest measured sparsity from which CSR is faster at it and every higher one.
 
     .venv/bin/python benchmarks/bench_sparse_crossover.py --threads 1 --benchmarks docs/DEPLOY_WEIGHTS.md
     .venv/bin/python benchmarks/bench_sparse_crossover.py --quick    # seconds, prints only
 """
 from __future__ import annotations
+
+import time
 
 import _common
 import torch
@@ -33,15 +36,16 @@ def sparse_weight(in_features: int, out_features: int, sparsity: float, generato
 
 def measure(in_features: int, out_features: int, batch: int, sparsities, repeats: int) -> dict:
     """{"dense": ms, sparsity: CSR ms, ...} for one shape and batch size."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_features, generator=generator)
     bias = torch.randn(out_features, generator=generator)
     dense = sparse_weight(in_features, out_features, 0.0, generator)
-    times = {"dense": median_ms(lambda: F.linear(x, dense, bias), repeats)}
+    times = {"dense": median_ms(lambda: F.linear(x, dense, bias), repeats, clock=clock)}
     for sparsity in sparsities:
         csr = sparse_weight(in_features, out_features, sparsity, generator).to_sparse_csr()
         parts = (csr.crow_indices(), csr.col_indices(), csr.values(), bias.unsqueeze(1), (out_features, in_features))
-        times[sparsity] = median_ms(lambda: csr_linear(x, *parts), repeats)
+        times[sparsity] = median_ms(lambda: csr_linear(x, *parts), repeats, clock=clock)
     return times
 
 
@@ -64,17 +68,13 @@ def main(argv=None) -> int:
         rows = [((i, o), b, measure(i, o, b, cfg["sparsities"], cfg["repeats"]))
                 for i, o in cfg["shapes"] for b in cfg["batches"]]
     head = ["in -> out", "batch", "dense ms", *(f"CSR {s:.0%}" for s in cfg["sparsities"]), "crossover"]
-    body = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (i, o), b, times in rows:
-        cells = [f"{i} -> {o}", str(b), f"{times['dense']:.3g}", *(f"{times[s]:.3g}" for s in cfg["sparsities"]),
-                 crossover(times, cfg["sparsities"])]
-        body.append("| " + " | ".join(cells) + " |")
+    body = _common.table(head, [[f"{i} -> {o}", b, f"{times['dense']:.3g}",
+                                 *(f"{times[s]:.3g}" for s in cfg["sparsities"]), crossover(times, cfg["sparsities"])]
+                                for (i, o), b, times in rows])
     body += ["", f"CSR columns: milliseconds of the CSR path at that fraction of zero weights; {torch.get_num_threads()} "
-                 f"torch thread(s); median of {cfg['repeats']} calls."]
-    text = _common.section(HEADING, _common.command("bench_sparse_crossover.py", argv), body, _common.load_note())
-    _common.finish(args, text)
-    return 0
-
+                 f"torch thread(s); median of {cfg['repeats']} calls "
+                 f"({'thread CPU time' if torch.get_num_threads() == 1 else 'wall time'})."]
+    return _common.report(args, HEADING, "bench_sparse_crossover.py", argv, body)
 
 if __name__ == "__main__":
     raise SystemExit(main())
