@@ -2,12 +2,15 @@
 
 Models: the demo's timm resnet18 at half width (trained on digits, 3x32x32, the checkpoint shared
 with the other scripts), an MLP (1024 -> 4096 -> 4096 -> 10) and the suite's OPT-style decoder
-(width 2: 256-dim, 4 blocks, 16 tokens), all with random weights except the resnet. Pruning: global
-magnitude over every gated conv/linear weight, applied through a Hyperflux-wrapped copy (weight
-gates with score ``|w| - threshold``) and folded by ``fxprune.export``; the passes are
+(width 2: 256-dim, 4 blocks, 16 tokens), all with random weights except the resnet. Pruning by
+magnitude, global over the gated conv/linear weights for the trained resnet, per layer for the
+random-weight models (their init scale differs by layer: a global threshold would zero whole layers
+for no reason), applied through a Hyperflux-wrapped copy (weight gates with score
+``|w| - threshold``) and folded by ``fxprune.export``; the passes are
 ``fxprune.deploy.weights.WEIGHT_PASSES`` (dead structure, then CSR linear layers chosen by timing
 at batch 1 and 64). Latency: median eager forward (eval, no grad) in ms, the three models
-interleaved call by call so that load changes hit them alike.
+interleaved call by call so that load changes hit them alike, timed on this thread's CPU time when
+torch runs one thread.
 
     .venv/bin/python benchmarks/bench_deploy_weights.py --threads 1 --benchmarks docs/DEPLOY_WEIGHTS.md
     .venv/bin/python benchmarks/bench_deploy_weights.py --quick      # < 1 min, prints only
@@ -30,7 +33,7 @@ from fxprune.deploy.weights import WEIGHT_PASSES
 from suite.models import build as build_suite_model
 
 HEADING = "## Weight deployment passes"
-FULL = dict(models=("resnet18", "mlp", "decoder"), sparsities=(0.9, 0.95), batches=(1, 64), rounds=30,
+FULL = dict(models=("resnet18", "mlp", "decoder"), sparsities=(0.9, 0.95), batches=(1, 64), rounds=40,
             dense_epochs=3)
 QUICK = dict(models=("resnet18", "mlp"), sparsities=(0.9,), batches=(1, 4), rounds=3, dense_epochs=1)
 TOKENS, VOCAB = 16, 1024
@@ -56,22 +59,28 @@ def build(name: str, quick: bool) -> tuple[nn.Module, callable]:
     return model.eval(), lambda b: (torch.randint(0, VOCAB, (b, TOKENS)),)
 
 
-def magnitude_export(model: nn.Module, inputs: tuple, sparsity: float) -> nn.Module:
-    """``fxprune.export`` of a Hyperflux-wrapped copy whose gates close the smallest ``sparsity``
-    fraction of all gated weights (global magnitude)."""
+def magnitude_export(model: nn.Module, inputs: tuple, sparsity: float, per_layer: bool) -> nn.Module:
+    """``fxprune.export`` of a Hyperflux-wrapped copy whose gates close the smallest-magnitude
+    ``sparsity`` fraction of the gated weights: of all of them (global) or of each (``per_layer``)."""
     hyper = fxprune.wrap(copy.deepcopy(model), inputs, hyperflux=fxprune.HyperfluxConfig(sparsity, pruning_steps=100))
     runtime = hyper.fxprune.hyperflux
     weights = model.state_dict()
-    magnitudes = torch.cat([weights[g.name].abs().flatten() for g in runtime.gates])
-    threshold = magnitudes.kthvalue(max(1, round(sparsity * magnitudes.numel()))).values
+
+    def threshold(magnitudes: torch.Tensor) -> torch.Tensor:
+        return magnitudes.flatten().kthvalue(max(1, round(sparsity * magnitudes.numel()))).values
+
+    overall = threshold(torch.cat([weights[g.name].abs().flatten() for g in runtime.gates]))
     with torch.no_grad():
         for gate in runtime.gates:
-            gate.score.copy_(weights[gate.name].abs() - threshold - 1e-12)
+            magnitudes = weights[gate.name].abs()
+            gate.score.copy_(magnitudes - (threshold(magnitudes) if per_layer else overall) - 1e-12)
     return fxprune.export(hyper).eval()
 
 
 def interleaved_ms(models: dict, inputs: tuple, rounds: int) -> dict:
-    """Median ms per model over ``rounds`` calls each, the models called in a shuffled order per round."""
+    """Median ms per model over ``rounds`` calls each, the models called in a shuffled order per
+    round; this thread's CPU time with one torch thread (not inflated by other jobs), else wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     order, times = list(models), {k: [] for k in models}
     rng = random.Random(0)
     with torch.no_grad():
@@ -81,9 +90,9 @@ def interleaved_ms(models: dict, inputs: tuple, rounds: int) -> dict:
         for _ in range(rounds):
             rng.shuffle(order)
             for name in order:
-                start = time.perf_counter()
+                start = clock()
                 models[name](*inputs)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
@@ -92,7 +101,7 @@ def run_model(name: str, cfg: dict, quick: bool) -> list[list[str]]:
     rows = []
     for sparsity in cfg["sparsities"]:
         example = make_inputs(1)
-        exported = magnitude_export(dense, example, sparsity)
+        exported = magnitude_export(dense, example, sparsity, per_layer=name != "resnet18")
         deployed = copy.deepcopy(exported)
         options = DeployOptions(batch_sizes=cfg["batches"], repeats=5 if quick else 15)
         choices = [c for deploy_pass in WEIGHT_PASSES for c in deploy_pass(deployed, example, options)]
@@ -117,9 +126,10 @@ def main(argv=None) -> int:
     for b in cfg["batches"]:
         head += [f"dense b{b}", f"exported b{b}", f"deployed b{b}", f"speed-up b{b}"]
     body = _common.table(head, [row for name in cfg["models"] for row in run_model(name, cfg, args.quick)])
-    body += ["", f"Milliseconds per forward (median of {cfg['rounds']} interleaved calls), {torch.get_num_threads()} "
+    body += ["", f"Milliseconds per forward (median of {cfg['rounds']} interleaved calls; "
+                 f"{'thread CPU time' if torch.get_num_threads() == 1 else 'wall time'}), {torch.get_num_threads()} "
                  f"torch thread(s); speed-up = dense / deployed. Sparsity: fraction of the gated conv/linear "
-                 f"weights that are zero."]
+                 f"weights that are zero (global for resnet18, per layer otherwise)."]
     return _common.report(args, HEADING, "bench_deploy_weights.py", argv, body)
 
 if __name__ == "__main__":

@@ -138,10 +138,11 @@ def sparse_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], options: De
     CSR paths are timed on random inputs of the layer's recorded input shape with the batch (first)
     dimension set to each of ``options.batch_sizes``; CSR is kept when ``dense / sparse >=
     options.min_speedup`` at every one. ``timer(layer, path, batch, run)`` returns the median
-    milliseconds of ``run()`` (default :func:`median_ms` with ``options.repeats``).
+    milliseconds of ``run()`` (default :func:`median_ms` with ``options.repeats``, on this thread's
+    CPU time when torch runs one thread: other jobs on a shared machine then cannot flip a choice).
     """
     inputs = tuple(example_inputs)
-    timer = timer or (lambda layer, path, batch, run: median_ms(run, options.repeats))
+    timer = timer or _default_timer(options)
     reference = _run(gm, inputs)
     propagate_shapes(gm, inputs)
     modules = dict(gm.named_modules())
@@ -259,6 +260,13 @@ def median_ms(run: Callable[[], Any], repeats: int = 20, warmup: int = 3,
         run()
         times.append(clock() - start)
     return 1e3 * statistics.median(times)
+
+
+def _default_timer(options: DeployOptions) -> LayerTimer:
+    def timer(layer: str, path: str, batch: int, run: Callable[[], Any]) -> float:
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        return median_ms(run, options.repeats, clock=clock)
+    return timer
 
 
 @contextmanager
