@@ -127,6 +127,22 @@ def test_a_zero_conv_becomes_its_bias(stride, padding):
         assert torch.equal(got, conv.bias.view(1, 5, 1, 1).expand_as(expected))
 
 
+@pytest.mark.parametrize("conv, shapes", [
+    (nn.Conv1d(4, 4, 5, stride=3, padding=2, groups=4), ((2, 4, 20), (1, 4, 7))),  # depthwise
+    (nn.Conv3d(2, 3, (1, 3, 3), dilation=(1, 2, 2), padding=(0, 2, 1)), ((1, 2, 3, 8, 8), (2, 2, 2, 9, 5))),
+])
+def test_zero_convs_of_other_ranks_become_their_bias(conv, shapes):
+    with torch.no_grad():
+        conv.weight.zero_()
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    gm = fx.symbolic_trace(model)
+    remove_dead_structure(gm, (torch.randn(shapes[0]),))
+    assert _targets(gm) == set()
+    for shape in shapes:
+        x = torch.randn(shape)
+        assert torch.equal(gm(x), model(x))
+
+
 def test_a_zero_linear_becomes_its_bias_at_any_leading_shape():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     with torch.no_grad():

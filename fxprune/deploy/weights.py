@@ -170,9 +170,9 @@ def _choose_sparse(node: fx.Node, m: nn.Linear, options: DeployOptions, timer: L
     name, weight = node.target, m.weight.detach()
     shape = tensor_shape(node.args[0])
     zeros = zero_fraction(weight)
-    if weight.device.type != "cpu" or not weight.is_floating_point():
-        return DeployChoice(name, "dense", f"a {weight.dtype} weight on {weight.device}: the CSR path is for float "
-                                           f"weights on CPU")
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
+        return DeployChoice(name, "dense", f"a {weight.dtype} weight on {weight.device}: the CSR path is for "
+                                           f"float32/float64 weights on CPU")
     if shape is None or len(shape) < 2:
         return DeployChoice(name, "dense", "its input has no batch dimension in the example: nothing to time")
     if zeros < MIN_ZERO_FRACTION:
