@@ -284,3 +284,26 @@ def test_a_zero_add_stays_when_an_in_place_op_would_reach_a_tensor_read_later():
     assert "conv" not in _targets(gm)
     assert any("x + constant" in c.reason for c in choices)
     assert torch.equal(gm(x), model(x))
+
+
+def test_an_exported_timm_resnet_with_a_closed_block_loses_that_branch():
+    import timm
+
+    import fxprune
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5, channels=(8, 8, 16, 16), stem_width=8)
+    _randomize_bn(model, 1)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    hyper = fxprune.wrap(model, x, hyperflux=fxprune.HyperfluxConfig(0.5, pruning_steps=10))
+    with torch.no_grad():
+        for gate in hyper.fxprune.hyperflux.gates:
+            if gate.name == "layer2.1.conv2.weight":
+                gate.score.fill_(-1.0)  # every weight of the block's second conv closed
+    exported = fxprune.export(hyper).eval()
+    choices = remove_dead_structure(exported, (x,))
+    assert {"layer2.1.conv1", "layer2.1.conv2", "layer2.1.bn2"}.isdisjoint(_targets(exported))
+    assert any(c.name == "layer2.1.conv2" and c.path == "remove_dead_structure" for c in choices)
+    with torch.no_grad():
+        assert _close(hyper(x), exported(x), DEAD_RTOL, DEAD_ATOL)
