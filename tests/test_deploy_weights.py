@@ -307,3 +307,40 @@ def test_an_exported_timm_resnet_with_a_closed_block_loses_that_branch():
     assert any(c.name == "layer2.1.conv2" and c.path == "remove_dead_structure" for c in choices)
     with torch.no_grad():
         assert _close(hyper(x), exported(x), DEAD_RTOL, DEAD_ATOL)
+
+
+class ConvBnReluConv(nn.Module):
+    def __init__(self, residual: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv1(x)))
+        return self.conv2(y) + (y.mean((1, 2, 3), keepdim=True) if self.residual else 0)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_all_zero_output_channels_go_where_they_are_zero_at_every_reader(residual):
+    model = ConvBnReluConv(residual).eval()
+    _randomize_bn(model, 2)
+    with torch.no_grad():
+        model.conv1.weight[[1, 2, 4]] = 0  # channels 1, 2 end negative before the ReLU, channel 4 positive
+        model.conv1.bias[[1, 2, 4]] = 0
+        model.bn.bias[[1, 2]], model.bn.bias[4], model.bn.running_mean[[1, 2, 4]] = -1.0, 1.0, 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 7, 7)
+    choices = remove_dead_structure(gm, (x,))
+    expected_channels = 6 if residual else 4  # the mean reads every channel: nothing goes
+    assert gm.get_submodule("conv1").out_channels == expected_channels
+    assert gm.get_submodule("conv2").in_channels == expected_channels
+    assert gm.get_submodule("bn").running_var.shape == (expected_channels,)
+    assert any("2 of its 3 all-zero output channels" in c.reason for c in choices) is not residual
+    with torch.no_grad():
+        for inputs in (x, torch.randn(1, 3, 9, 5)):
+            assert _close(model(inputs), gm(inputs), DEAD_RTOL, DEAD_ATOL)
+    assert model.conv1.out_channels == 6 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -27,7 +27,7 @@ from torch import nn
 from ..analysis.nodes import called_module, tensor_shape
 from ..compat import ConvNd, NormBase
 
-__all__ = ["Constant", "root_constant", "propagate", "add_operand", "identity_is_safe",
+__all__ = ["Constant", "root_constant", "zero_rows", "propagate", "add_operand", "identity_is_safe",
            "insert_full_constant", "ELEMENTWISE_MODULES", "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS"]
 
 # Modules, functions and tensor methods that act on each element alone (the output element depends
@@ -64,11 +64,17 @@ def zero_fraction(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / max(weight.numel(), 1)
 
 
+def zero_rows(module: nn.Module) -> torch.Tensor:
+    """Boolean per output channel of a conv/linear: every weight of that channel is zero."""
+    return (module.weight.detach().flatten(1) == 0).all(1)
+
+
 def root_constant(node: fx.Node, module: nn.Module) -> Constant | None:
-    """The constant output of a conv/linear ``call_module`` node whose weight is all zero (its bias
-    per channel, or zeros), or None when the weight is not all zero or the shapes are unknown."""
+    """What a conv/linear ``call_module`` node outputs where its weight is zero: its bias per
+    channel, or zeros (a constant for the whole output when the whole weight is zero); None when
+    the shapes are unknown or the input is unbatched."""
     out_shape, in_shape = tensor_shape(node), tensor_shape(node.args[0] if node.args else None)
-    if out_shape is None or in_shape is None or bool(module.weight.detach().any()):
+    if out_shape is None or in_shape is None:
         return None
     if isinstance(module, nn.Linear):
         channels, view = module.out_features, [1] * (len(out_shape) - 1) + [module.out_features]

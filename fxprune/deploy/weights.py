@@ -8,7 +8,9 @@ take as long as before. Two passes, each ``pass_(gm, example_inputs, options) ->
   channel (its bias); that constant is carried through the elementwise ops after it (BatchNorm in
   eval mode gives ``beta - gamma * mean / sqrt(var + eps)`` for a zero input) and the layers are
   removed: a residual branch that is constant turns its add into ``x + constant`` (the identity
-  when the constant is zero). Exact up to float rounding of the folded constants.
+  when the constant is zero). Output channels whose weights are all zero are removed from their
+  channel space where they are zero at every reader. Exact up to float rounding of the folded
+  constants.
 - :func:`sparse_linear`: a linear layer whose weight is sparse enough runs as a CSR sparse-dense
   product (MKL on CPU) when a measured cost model says it is faster at every batch size of the
   options, by at least ``options.min_speedup``. Outputs equal the dense ones up to summation order
@@ -37,6 +39,7 @@ from ..analysis.nodes import called_module, tensor_shape
 from ..capture import propagate_shapes
 from ..compat import ConvNd
 from ..exporting import ExportError, verify_outputs
+from .channels import drop_dead_channels
 from .choices import DeployChoice, DeployOptions
 from .constants import (Constant, add_operand, identity_is_safe, insert_full_constant, propagate, root_constant,
                         zero_fraction)
@@ -58,7 +61,9 @@ LayerTimer = Callable[[str, str, int, Callable[[], Any]], float]
 def remove_dead_structure(gm: fx.GraphModule, example_inputs: Sequence[Any],
                           options: DeployOptions = DeployOptions()) -> list[DeployChoice]:
     """Remove conv/linear layers whose weights are all zero, and the branches that only feed them
-    or follow them as constants; returns a choice per conv/linear layer and per rewritten use."""
+    or follow them as constants, then the all-zero output channels that are zero at every reader
+    (:func:`fxprune.deploy.channels.drop_dead_channels`); returns a choice per conv/linear layer,
+    per rewritten use of a constant and per layer that lost channels."""
     inputs = tuple(example_inputs)
     reference = _run(gm, inputs)
     propagate_shapes(gm, inputs)
@@ -68,7 +73,7 @@ def remove_dead_structure(gm: fx.GraphModule, example_inputs: Sequence[Any],
     for node in list(gm.graph.nodes):
         m = called_module(node, modules)
         if isinstance(m, (nn.Linear, ConvNd)) and not getattr(m, "transposed", False):
-            constant = root_constant(node, m)
+            constant = None if bool(m.weight.detach().any()) else root_constant(node, m)
             if constant is None:
                 zeros = zero_fraction(m.weight)
                 why = "not all" if zeros < 1 else "but its input or output shape is unknown or unbatched"
@@ -87,6 +92,10 @@ def remove_dead_structure(gm: fx.GraphModule, example_inputs: Sequence[Any],
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
+        propagate_shapes(gm, inputs)
+    channels = drop_dead_channels(gm)
+    choices += channels
+    if constants or any(c.path == DEAD for c in channels):
         verify_outputs(gm, inputs, reference, rtol=1e-5, atol=1e-6, what="the model without its dead structure",
                        against="the exported model")
     return choices
