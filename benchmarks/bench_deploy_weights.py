@@ -1,12 +1,12 @@
 """Weight sparsity at inference: dense vs ``fxprune.export`` vs export + the weight deployment passes.
 
 Models: the demo's timm resnet18 at half width (trained on digits, 3x32x32, the checkpoint shared
-with the other scripts), an MLP (1024 -> 4096 -> 4096 -> 10) and the suite's OPT-style decoder
-(width 2: 256-dim, 4 blocks, 16 tokens), all with random weights except the resnet. Pruning by
-magnitude, global over the gated conv/linear weights for the trained resnet, per layer for the
-random-weight models (their init scale differs by layer: a global threshold would zero whole layers
-for no reason), applied through a Hyperflux-wrapped copy (weight gates with score
-``|w| - threshold``) and folded by ``fxprune.export``; the passes are
+with the other scripts), pruned by global magnitude ("resnet18") or fine-tuned 4 epochs with
+Hyperflux weight gates as in the demo ("resnet18-hyperflux"); an MLP (1024 -> 4096 -> 4096 -> 10)
+and the suite's OPT-style decoder (width 2: 256-dim, 4 blocks, 16 tokens) with random weights,
+pruned by magnitude per layer (their init scale differs by layer: a global threshold would zero
+whole layers for no reason). Magnitude pruning goes through a Hyperflux-wrapped copy (weight gates
+with score ``|w| - threshold``); every model is folded by ``fxprune.export``. The passes are
 ``fxprune.deploy.weights.WEIGHT_PASSES`` (dead structure, then CSR linear layers chosen by timing
 at batch 1 and 64). Latency: median eager forward (eval, no grad) in ms, the three models
 interleaved call by call so that load changes hit them alike, timed on this thread's CPU time when
@@ -18,6 +18,7 @@ torch runs one thread.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import statistics
 import time
@@ -29,34 +30,49 @@ from torch import nn
 
 import fxprune
 from fxprune.deploy.choices import DeployOptions
+from fxprune.app.demo import train
 from fxprune.deploy.weights import WEIGHT_PASSES
 from suite.models import build as build_suite_model
 
 HEADING = "## Weight deployment passes"
-FULL = dict(models=("resnet18", "mlp", "decoder"), sparsities=(0.9, 0.95), batches=(1, 64), rounds=40,
-            dense_epochs=3)
-QUICK = dict(models=("resnet18", "mlp"), sparsities=(0.9,), batches=(1, 4), rounds=3, dense_epochs=1)
+FULL = dict(models=("resnet18", "resnet18-hyperflux", "mlp", "decoder"), sparsities=(0.9, 0.95), batches=(1, 64),
+            rounds=40, dense_epochs=3, hyperflux_epochs=4)
+QUICK = dict(models=("resnet18", "mlp"), sparsities=(0.9,), batches=(1, 4), rounds=3, dense_epochs=1,
+             hyperflux_epochs=2)
+BATCH = 64  # training batch of the Hyperflux fine-tuning
 TOKENS, VOCAB = 16, 1024
 
 
-def build(name: str, quick: bool) -> tuple[nn.Module, callable]:
-    """(model in eval mode, batch -> inputs)."""
+def build(name: str, quick: bool) -> tuple[nn.Module, callable, object]:
+    """(model in eval mode, batch -> inputs, training data or None)."""
     torch.manual_seed(0)
-    if name == "resnet18":
+    if name.startswith("resnet18"):
         from fxprune.app import data as datasets
 
         data = datasets.load("digits", size=32, channels=3, seed=0)
         split = data.train.head(128) if quick else data.train
         model = _common.dense_model(data, split, 0.25 if quick else 0.5, QUICK["dense_epochs"] if quick
                                     else FULL["dense_epochs"], progress=False)
-        return model, lambda b: (data.test.x[:b].contiguous(),)
+        return model, lambda b: (data.test.x[:b].contiguous(),), split
     if name == "mlp":
         hidden = 512 if quick else 4096
         model = nn.Sequential(nn.Linear(1024, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                               nn.Linear(hidden, 10))
-        return model.eval(), lambda b: (torch.randn(b, 1024),)
+        return model.eval(), lambda b: (torch.randn(b, 1024),), None
     model = build_suite_model("opt", 1 if quick else 2, vocab=VOCAB, context=TOKENS)
-    return model.eval(), lambda b: (torch.randint(0, VOCAB, (b, TOKENS)),)
+    return model.eval(), lambda b: (torch.randint(0, VOCAB, (b, TOKENS)),), None
+
+
+def hyperflux_export(model: nn.Module, inputs: tuple, sparsity: float, split, epochs: int) -> nn.Module:
+    """``fxprune.export`` of a copy fine-tuned with Hyperflux weight gates to ``sparsity`` (the demo's
+    recipe, shorter: ``epochs`` epochs, the last one regrowth)."""
+    steps = math.ceil(len(split) / BATCH)
+    config = fxprune.HyperfluxConfig(sparsity, pruning_steps=(epochs - 1) * steps, regrowth_steps=steps,
+                                     scheduler_interval=6, seed=0)
+    hyper = fxprune.wrap(copy.deepcopy(model).train(), inputs, hyperflux=config)
+    train(hyper, split, epochs, lr=0.02, batch=BATCH, schedule="cosine", seed=1,
+          after_step=lambda step: hyper.fxprune.step(), progress=False)
+    return fxprune.export(hyper).eval()
 
 
 def magnitude_export(model: nn.Module, inputs: tuple, sparsity: float, per_layer: bool) -> nn.Module:
@@ -97,11 +113,14 @@ def interleaved_ms(models: dict, inputs: tuple, rounds: int) -> dict:
 
 
 def run_model(name: str, cfg: dict, quick: bool) -> list[list[str]]:
-    dense, make_inputs = build(name, quick)
+    dense, make_inputs, split = build(name, quick)
     rows = []
     for sparsity in cfg["sparsities"]:
         example = make_inputs(1)
-        exported = magnitude_export(dense, example, sparsity, per_layer=name != "resnet18")
+        if name == "resnet18-hyperflux":
+            exported = hyperflux_export(dense, make_inputs(8), sparsity, split, cfg["hyperflux_epochs"])
+        else:
+            exported = magnitude_export(dense, example, sparsity, per_layer=name != "resnet18")
         deployed = copy.deepcopy(exported)
         options = DeployOptions(batch_sizes=cfg["batches"], repeats=5 if quick else 15)
         choices = [c for deploy_pass in WEIGHT_PASSES for c in deploy_pass(deployed, example, options)]

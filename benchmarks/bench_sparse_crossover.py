@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     body = _common.table(head, [[f"{i} -> {o}", b, f"{times['dense']:.3g}",
                                  *(f"{times[s]:.3g}" for s in cfg["sparsities"]), crossover(times, cfg["sparsities"])]
                                 for (i, o), b, times in rows])
-    body += ["", f"CSR columns: milliseconds of the CSR path at that fraction of zero weights; {torch.get_num_threads()} "
-                 f"torch thread(s); median of {cfg['repeats']} calls "
+    body += ["", f"CSR columns: milliseconds of the CSR path at that fraction of zero weights; "
+                 f"{torch.get_num_threads()} torch thread(s); median of {cfg['repeats']} calls "
                  f"({'thread CPU time' if torch.get_num_threads() == 1 else 'wall time'})."]
     return _common.report(args, HEADING, "bench_sparse_crossover.py", argv, body)
 

@@ -107,6 +107,7 @@ def test_a_zero_branch_without_bias_makes_the_add_an_identity():
     assert any("the identity" in c.reason for c in choices)
     adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     assert len(adds) == 1  # block 1's add is left
+    assert not [name for name, _ in gm.named_buffers() if "constant" in name]  # an identity needs no constant
     assert torch.equal(gm(x), model(x))
 
 

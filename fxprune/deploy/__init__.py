@@ -1,1 +1,2 @@
-"""Deployment passes on plain exported models (placeholder: the fxprune.deploy entry point is merged from its own branch)."""
+"""Deployment passes on plain exported models (placeholder: the fxprune.deploy entry point comes
+from its own branch)."""

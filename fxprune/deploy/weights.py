@@ -87,10 +87,14 @@ def remove_dead_structure(gm: fx.GraphModule, example_inputs: Sequence[Any],
             constant = propagate(node, constants, gm, modules)
             if constant is not None:
                 constants[node] = constant
-    choices += _replace_constants(gm, constants, modules)
+    replaced, registered = _replace_constants(gm, constants, modules)
+    choices += replaced
     if constants:
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name in registered - read:
+            delattr(gm, name)  # a zero constant whose add became the identity
         gm.recompile()
         propagate_shapes(gm, inputs)
     channels = drop_dead_channels(gm)
@@ -102,10 +106,11 @@ def remove_dead_structure(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
 
 def _replace_constants(gm: fx.GraphModule, constants: dict[fx.Node, Constant],
-                       modules: dict[str, nn.Module]) -> list[DeployChoice]:
+                       modules: dict[str, nn.Module]) -> tuple[list[DeployChoice], set[str]]:
     """Give every non-constant user of a constant its value: ``x + constant`` / ``x`` for an add,
-    else the constant broadcast to its full shape. Returns a choice per rewritten use."""
-    graph, choices = gm.graph, []
+    else the constant broadcast to its full shape. Returns a choice per rewritten use and the names
+    of the buffers registered for the constants."""
+    graph, choices, registered = gm.graph, [], set()
     for node, constant in list(constants.items()):
         attr = None
         for user in [u for u in node.users if u not in constants]:
@@ -113,6 +118,7 @@ def _replace_constants(gm: fx.GraphModule, constants: dict[fx.Node, Constant],
             if attr is None:
                 name = _free_attribute(gm, f"{node.name}_constant")
                 gm.register_buffer(name, constant.value.contiguous())
+                registered.add(name)
                 with graph.inserting_after(node):  # before every user of node
                     attr = graph.get_attr(name)
             with graph.inserting_before(user):
@@ -129,7 +135,7 @@ def _replace_constants(gm: fx.GraphModule, constants: dict[fx.Node, Constant],
                     user.replace_input_with(node, insert_full_constant(graph, constant, attr, modules))
                     reason = f"reads a per-channel constant (from {source}): broadcast to its shape"
             choices.append(DeployChoice(user.name, DEAD, reason))
-    return choices
+    return choices, registered
 
 
 def _free_attribute(gm: nn.Module, base: str) -> str:
