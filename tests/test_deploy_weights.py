@@ -67,7 +67,21 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
 
 
 blocks = st.fixed_dictionaries({"bias": st.booleans(), "bn": st.booleans(), "inplace": st.booleans(),
-                                "zero": st.sampled_from(["", "conv1", "conv2", "conv1+conv2"])})
+                                "zero": st.sampled_from(["", "conv1", "conv2", "conv1+conv2", "rows"])})
+
+
+def _zero_rows_of_conv1(block: Block) -> int:
+    """Zero output channels 0 and 2 of ``block.conv1``; after bn1 and the ReLU channel 0 is zero and
+    channel 2 (with BatchNorm) positive. Returns how many of them can go."""
+    with torch.no_grad():
+        block.conv1.weight[[0, 2]] = 0
+        if block.conv1.bias is not None:
+            block.conv1.bias[[0, 2]] = 0
+        if isinstance(block.bn1, nn.BatchNorm2d):
+            block.bn1.running_mean[[0, 2]] = 0
+            block.bn1.bias[0], block.bn1.bias[2] = -1.0, 1.0
+            return 1
+    return 2
 
 
 @examples(12)
@@ -76,8 +90,12 @@ def test_dead_branches_are_removed_exactly(specs, seed):
     torch.manual_seed(seed)
     model = ResidualNet([{k: v for k, v in s.items() if k != "zero"} for s in specs]).eval()
     _randomize_bn(model, seed)
+    dropped = {}
     with torch.no_grad():
         for i, s in enumerate(specs):
+            if s["zero"] == "rows":
+                dropped[i] = _zero_rows_of_conv1(model.blocks[i])
+                continue
             for conv in filter(None, s["zero"].split("+")):
                 model.blocks[i].get_submodule(conv).weight.zero_()
     gm = fx.symbolic_trace(model)
@@ -89,6 +107,10 @@ def test_dead_branches_are_removed_exactly(specs, seed):
     left = _targets(gm)
     removed = {c.name for c in choices if c.path == "remove_dead_structure" and c.name in dict(model.named_modules())}
     for i, s in enumerate(specs):
+        if s["zero"] == "rows":
+            assert gm.get_submodule(f"blocks.{i}.conv1").out_channels == 6 - dropped[i]
+            assert gm.get_submodule(f"blocks.{i}.conv2").in_channels == 6 - dropped[i]
+            continue
         zeroed = {f"blocks.{i}.{conv}" for conv in filter(None, s["zero"].split("+"))}
         assert zeroed <= removed and not zeroed & left
         if "conv2" in s["zero"]:  # the whole residual branch is constant: everything before it is dead too
