@@ -106,6 +106,13 @@ def finish(args: argparse.Namespace, text: str) -> None:
         print(f"updated {target}")
 
 
+def report(args: argparse.Namespace, heading: str, script: str, argv, body: Sequence[str]) -> int:
+    """Finish a script: its section (header with the load note, then ``body``) printed and written
+    as :func:`finish` does; returns 0, the script's exit status."""
+    finish(args, section(heading, command(script, argv), body, load_note()))
+    return 0
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive lock (a file in the temp folder) so that two scripts do not interleave rewrites."""
@@ -139,6 +146,12 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) ->
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Lines of a markdown table with header ``head`` and one line per row (cells printed with str)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
 def human(count: float) -> str:

@@ -55,3 +55,15 @@ def test_quick_mode_in_process(name, heading, tmp_path):
     text = out.read_text()
     assert text.startswith("# Benchmarks") and heading in text and "Machine:" in text and "Date:" in text
     assert "| " in text.split(heading, 1)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, heading, row", [
+    ("bench_sparse_crossover", "## CSR crossover", "| 256 -> 256 | 1 |"),
+    ("bench_deploy_weights", "## Weight deployment passes", "| mlp | 90% |"),
+])
+def test_deploy_weight_benchmarks_quick(name, heading, row, tmp_path):
+    out = tmp_path / "B.md"
+    assert _script(name).main(["--quick", "--benchmarks", str(out), "--threads", "1"]) == 0
+    text = out.read_text()
+    assert heading in text and "Command:" in text and row in text

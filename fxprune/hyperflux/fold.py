@@ -3,7 +3,8 @@
 :func:`fold_gates` works in place on a (copied) GraphModule: every parametrization becomes a plain
 tensor holding its current value (``w * mask``) and, for channel gates, the closed channels are
 sliced out of every member of their space (parameters and buffers) with the size attributes of
-their modules updated. ``fxprune.export`` (fxprune/exporting.py) calls it and checks the result.
+their modules updated (:func:`remove_positions`, also used by the deployment passes).
+``fxprune.export`` (fxprune/exporting.py) calls it and checks the result.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.nn.utils import parametrize
 from ..compat import ConvNd, NormBase, restore_base_class
 from .runtime import HyperfluxRuntime
 
-__all__ = ["fold_gates", "closed_positions", "fold_parametrizations"]
+__all__ = ["fold_gates", "closed_positions", "fold_parametrizations", "remove_positions"]
 
 
 def fold_gates(module: nn.Module, runtime: HyperfluxRuntime | None, remove_channels: bool = True
@@ -24,7 +25,7 @@ def fold_gates(module: nn.Module, runtime: HyperfluxRuntime | None, remove_chann
     removals = closed_positions(runtime) if remove_channels and runtime is not None else {}
     fold_parametrizations(module)
     for key, axes in removals.items():
-        _remove_positions(module, key, axes)
+        remove_positions(module, key, axes)
     return removals
 
 
@@ -69,7 +70,7 @@ def fold_parametrizations(gm: nn.Module) -> None:
                 module.register_buffer(name, value)
 
 
-def _remove_positions(gm: nn.Module, key: str, axes: dict[int, set[int]]) -> None:
+def remove_positions(gm: nn.Module, key: str, axes: dict[int, set[int]]) -> None:
     """Remove positions ``axes`` (axis -> positions) of the tensor ``key`` (dotted path) and resize its module."""
     path, _, name = key.rpartition(".")
     module = gm.get_submodule(path)
