@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 import fxprune  # noqa: E402
-from fxprune.deploy.cost import median_ms  # noqa: E402
+from fxprune.deploying.cost import median_ms  # noqa: E402
 from fxprune.exprune import ExPruneConfig  # noqa: E402
 
 

@@ -7,7 +7,7 @@ and the suite's OPT-style decoder (width 2: 256-dim, 4 blocks, 16 tokens) with r
 pruned by magnitude per layer (their init scale differs by layer: a global threshold would zero
 whole layers for no reason). Magnitude pruning goes through a Hyperflux-wrapped copy (weight gates
 with score ``|w| - threshold``); every model is folded by ``fxprune.export``. The passes are
-``fxprune.deploy.weights.WEIGHT_PASSES`` (dead structure, then CSR linear layers chosen by timing
+``fxprune.deploying.weights.WEIGHT_PASSES`` (dead structure, then CSR linear layers chosen by timing
 at batch 1 and 64). Latency: median eager forward (eval, no grad) in ms, the three models
 interleaved call by call so that load changes hit them alike, timed on this thread's CPU time when
 torch runs one thread.
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.deploy.choices import DeployOptions
+from fxprune.deploying.choices import DeployOptions
 from fxprune.app.demo import train
-from fxprune.deploy.weights import WEIGHT_PASSES
+from fxprune.deploying.weights import WEIGHT_PASSES
 from suite.models import build as build_suite_model
 
 HEADING = "## Weight deployment passes"

@@ -2,7 +2,7 @@
 
 For each weight shape (in -> out features) and batch size, a random weight with an exact fraction
 of zeros (unstructured, uniform positions) runs as ``F.linear`` (dense) and as
-:func:`fxprune.deploy.weights.csr_linear` (the ops the ``sparse_linear`` pass inserts:
+:func:`fxprune.deploying.weights.csr_linear` (the ops the ``sparse_linear`` pass inserts:
 ``torch.sparse_csr_tensor`` + ``addmm``, MKL on CPU). Times are medians in ms, of this thread's CPU
 time with one torch thread (not inflated by other jobs on a shared machine), else of wall time; the
 crossover is the lowest measured sparsity from which CSR is faster at it and every higher one.
@@ -18,7 +18,7 @@ import _common
 import torch
 import torch.nn.functional as F
 
-from fxprune.deploy.weights import csr_linear, median_ms
+from fxprune.deploying.weights import csr_linear, median_ms
 
 HEADING = "## CSR crossover"
 FULL = dict(shapes=((512, 512), (2048, 2048), (2048, 8192)), batches=(1, 64),

@@ -28,9 +28,9 @@ _LAZY = {
     "ExportError": ("fxprune.exporting", "ExportError"),
     "ExPruneConfig": ("fxprune.exprune.config", "ExPruneConfig"),
     "calibrate": ("fxprune.exprune.calibrate", "calibrate"),
-    "deploy": ("fxprune.deploy", None),  # the package itself: calling it calls fxprune.deploy.deploy
-    "DeployOptions": ("fxprune.deploy.choices", "DeployOptions"),
-    "DeployChoice": ("fxprune.deploy.choices", "DeployChoice"),
+    "deploy": ("fxprune.deploying", "deploy"),  # module `deploying`: a submodule `deploy` would replace the function
+    "DeployOptions": ("fxprune.deploying.choices", "DeployOptions"),
+    "DeployChoice": ("fxprune.deploying.choices", "DeployChoice"),
 }
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from torch import nn
 
-from fxprune.deploy.choices import DeployOptions
-from fxprune.deploy.weights import (SPARSE_ATOL, SPARSE_RTOL, WEIGHT_PASSES, remove_dead_structure,
+from fxprune.deploying.choices import DeployOptions
+from fxprune.deploying.weights import (SPARSE_ATOL, SPARSE_RTOL, WEIGHT_PASSES, remove_dead_structure,
                                     sparse_linear)
 from fxprune.exporting import ExportError
 from hypothesis_profiles import examples

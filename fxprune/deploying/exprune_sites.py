@@ -5,19 +5,19 @@ Sites are the chains whose first node carries an :class:`~fxprune.exprune.spec.E
 graph (the chain, plus the consumer linear where one can be fused):
 
 - "dense": the chain as exported (no prediction: its outputs are the dense chain's).
-- linear sites: "skip_rows" (:class:`~fxprune.deploy.kernels.ENPLinearKernel`: predicted output
+- linear sites: "skip_rows" (:class:`~fxprune.deploying.kernels.ENPLinearKernel`: predicted output
   rows are not computed beyond the first k terms), and where the ReLU's only reader (through
   Identity/Dropout modules) is an nn.Linear that is not itself a site, "skip_rows+sparse_fc": the
   same, with that linear reading only the weight rows of its non-zero inputs, and
   "predict+sparse_fc": every row computed in one contiguous matmul (gathering the kept rows of a
   large weight can cost as much as reading them all), predicted elements zeroed, the same sparse
   consumer.
-- conv sites: "skip_channels" (:class:`~fxprune.deploy.kernels.ENPConvKernel`).
+- conv sites: "skip_channels" (:class:`~fxprune.deploying.kernels.ENPConvKernel`).
 
 A skipping path outputs what the wrapped model's ENP op outputs (predicted elements 0, the others
 the full sum) to float tolerance; the pass checks this against the op rebuilt from the spec on the
 recorded inputs and keeps "dense" (saying why) if it does not hold. The choice between paths is the
-cost model of :mod:`fxprune.deploy.cost`. A site whose channels export removed runs dense.
+cost model of :mod:`fxprune.deploying.cost`. A site whose channels export removed runs dense.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class SitePlan:
 
 class ExPruneSitesPass:
     """The pass (``pass_(gm, example_inputs, options) -> list[DeployChoice]``); ``measure`` times a
-    candidate (default :func:`fxprune.deploy.cost.median_ms`; tests inject fixed times)."""
+    candidate (default :func:`fxprune.deploying.cost.median_ms`; tests inject fixed times)."""
 
     name = "exprune_sites"
 

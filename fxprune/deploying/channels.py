@@ -1,9 +1,9 @@
 """Output channels whose weights are all zero, removed where nothing downstream can tell (a step of
-:func:`fxprune.deploy.weights.remove_dead_structure`).
+:func:`fxprune.deploying.weights.remove_dead_structure`).
 
 Channel ``j`` of a conv/linear whose weights for ``j`` are all zero outputs its bias ``b_j`` at every
 position. Through the elementwise ops after the layer (eval BatchNorm, activations, identities:
-see :mod:`fxprune.deploy.constants`) it stays a known value per channel. When that value is exactly
+see :mod:`fxprune.deploying.constants`) it stays a known value per channel. When that value is exactly
 zero where every reader of the chain consumes it, and every reader is a conv (``groups == 1``) or
 linear layer reading the channel as an input channel, the channel adds exactly nothing to their
 outputs: it is removed from every member of its channel space (the producer's weight rows and

@@ -1,4 +1,5 @@
-"""``fxprune.deploy`` (stage 5, after export): a plain model that runs faster where pruning allows.
+"""``fxprune.deploy`` (stage 5, after export; the module is ``deploying`` so that importing it never
+replaces the function ``fxprune.deploy``): a plain model that runs faster where pruning allows.
 
 ``deploy(model, example_inputs)`` builds the plain graph that :func:`fxprune.export` builds (on a
 deep copy: ``model`` is never mutated; ExPrune stripped, with each ENP site's spec kept in
@@ -15,7 +16,7 @@ dense chain: no prediction there, so that part is at least as accurate as the Ex
 its outputs differ from the ExPrune model's exactly where the op predicted. The model as a whole
 therefore equals the wrapped model with the ops of the dense sites disabled (T = -inf).
 
-Cost model (see :mod:`fxprune.deploy.cost`): every candidate of a site is timed against the dense
+Cost model (see :mod:`fxprune.deploying.cost`): every candidate of a site is timed against the dense
 path on the values the site reads when the model runs on the example inputs repeated along dim 0
 to each of ``options.batch_sizes``; a candidate is kept only when it is at least
 ``options.min_speedup`` times faster at every batch size. The example inputs therefore decide the
@@ -27,8 +28,6 @@ each). Dense sites compile as usual.
 """
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any, Callable, Sequence
 
 import torch.fx as fx
@@ -38,11 +37,14 @@ from ..errors import ConfigError
 from ..exporting import exported_graph, verify_export
 from .choices import DeployChoice, DeployOptions
 from .exprune_sites import ExPruneSitesPass, exprune_sites
+from .weights import WEIGHT_PASSES
 
 DeployPass = Callable[[fx.GraphModule, tuple, DeployOptions], "list[DeployChoice]"]
 
 # The passes deploy runs, in order (each: pass_(gm, example_inputs, options) -> list[DeployChoice]).
-DEPLOY_PASSES: tuple[DeployPass, ...] = (exprune_sites,)
+# ExPrune sites first (their kernels take over the site's linear layers), then the weight passes
+# (dead structure and channels, CSR linear layers) on what stays plain.
+DEPLOY_PASSES: tuple[DeployPass, ...] = (exprune_sites, *WEIGHT_PASSES)
 
 __all__ = ["deploy", "DeployOptions", "DeployChoice", "DEPLOY_PASSES", "ExPruneSitesPass"]
 
@@ -78,14 +80,3 @@ def deploy(model: nn.Module, example_inputs: Any = None, *, options: DeployOptio
     deployed.deploy_choices = choices
     return deployed
 
-
-class _CallablePackage(types.ModuleType):
-    """The type of this package: ``fxprune.deploy(model, x)`` calls :func:`deploy`. The import
-    system binds the package to the name ``fxprune.deploy`` (a function of that name would be
-    replaced by it), so the package itself is the callable."""
-
-    def __call__(self, *args, **kwargs) -> fx.GraphModule:
-        return deploy(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage

@@ -1,5 +1,5 @@
 """Per-channel constants in an exported graph: what a conv/linear whose whole weight is zero makes
-of the ops after it (the analysis behind :func:`fxprune.deploy.weights.remove_dead_structure`).
+of the ops after it (the analysis behind :func:`fxprune.deploying.weights.remove_dead_structure`).
 
 A node is *constant* when its output depends on the shape of the model's inputs but not on their
 values. Its :class:`Constant` holds a small tensor that broadcasts to the node's output shape (one

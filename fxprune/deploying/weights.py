@@ -2,7 +2,7 @@
 
 An exported weight-gated model holds its pruned weights as zeros in dense tensors: dense kernels
 take as long as before. Two passes, each ``pass_(gm, example_inputs, options) -> list[DeployChoice]``
-(see :mod:`fxprune.deploy.choices`), in the order of :data:`WEIGHT_PASSES`:
+(see :mod:`fxprune.deploying.choices`), in the order of :data:`WEIGHT_PASSES`:
 
 - :func:`remove_dead_structure`: a conv/linear whose whole weight is zero outputs a constant per
   channel (its bias); that constant is carried through the elementwise ops after it (BatchNorm in
@@ -62,7 +62,7 @@ def remove_dead_structure(gm: fx.GraphModule, example_inputs: Sequence[Any],
                           options: DeployOptions = DeployOptions()) -> list[DeployChoice]:
     """Remove conv/linear layers whose weights are all zero, and the branches that only feed them
     or follow them as constants, then the all-zero output channels that are zero at every reader
-    (:func:`fxprune.deploy.channels.drop_dead_channels`); returns a choice per conv/linear layer,
+    (:func:`fxprune.deploying.channels.drop_dead_channels`); returns a choice per conv/linear layer,
     per rewritten use of a constant and per layer that lost channels."""
     inputs = tuple(example_inputs)
     reference = _run(gm, inputs)
