@@ -88,7 +88,7 @@ def main(argv=None) -> list[str]:
         torch.set_num_threads(threads)
         options = fxprune.DeployOptions(batch_sizes=(1,), repeats=max(10, repeats // 10), threads=threads)
         deployed = fxprune.deploy(wrapped, x, options=options)
-        [choice] = deployed.deploy_choices
+        choice = deployed.deploy_choices[0]  # the ExPrune site (its pass runs first; the weight passes follow)
         reasons.append((threads, choice))
         kernel = deployed.get_submodule("fc1_deployed") if choice.path != "dense" else None
         dense_span = lambda: plain.fc2(torch.relu(plain.fc1(h)))  # noqa: E731

@@ -75,6 +75,7 @@ def deploy(model: nn.Module, example_inputs: Any = None, *, options: DeployOptio
     choices: list[DeployChoice] = []
     for pass_ in DEPLOY_PASSES if passes is None else passes:
         choices.extend(pass_(gm, exported.inputs, options))
+        gm.eval()  # modules a pass installed start in training mode; the next pass rewrites for inference
     deployed = fx.GraphModule(gm, gm.graph, class_name=type(exported.source).__name__)  # only the modules used
     deployed.eval()
     deployed.deploy_choices = choices
