@@ -17,6 +17,10 @@ def test_demo_quick_writes_report_and_plots(tmp_path, capsys):
         assert 0 < row["effective_macs"] <= row["dense_macs"] * (1 + 1e-6)
         assert 0 < row["params_nonzero"] <= row["params"]
         assert row["latency_b1_ms"] > 0 and row["latency_b64_ms"] > 0
+        assert 0.0 <= row["deployed_accuracy"] <= 1.0
+    # the weight-pruned model deploys to the same outputs as its export: the same accuracy
+    assert rows["hyperflux"]["deployed_accuracy"] == pytest.approx(rows["hyperflux"]["test_accuracy"], abs=1e-6)
+    assert "sites/layers" in rows["hyperflux+exprune"]["deployed_paths"]
     assert rows["dense"]["dense_macs"] == pytest.approx(rows["hyperflux"]["dense_macs"])
     assert rows["hyperflux"]["params_nonzero"] < rows["dense"]["params_nonzero"]  # gates closed some weights
     assert report["hyperflux"]["curve"], "no per-step sparsity/pressure record"
