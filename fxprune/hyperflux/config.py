@@ -94,6 +94,12 @@ class HyperfluxConfig:
             rising while a wave of closures is already under way, and the density then overshoots
             (too sparse). With the lookahead gamma stops rising, and falls, as soon as the gates in
             flight will reach the trajectory. Same gains, inertia and trajectory as the paper.
+        round_to: channel granularity: when the gates freeze, the open channels of every gated
+            space are rounded to the nearest multiple of ``round_to`` (at least one multiple; spaces
+            smaller than it are left alone), reopening the highest-score closed channels or closing
+            the lowest-score open ones, so that exported layers have kernel-friendly widths (8 or
+            16 on most CPUs and GPUs). The density then ends near, not exactly on, the target.
+            1 (default): no rounding.
         filter: ``filter(GateTarget) -> bool`` chooses the conv/linear weights to gate. None: every
             conv/linear weight (stem and classifier included) for CNNs; for ViT-like models (an
             ``attn.qkv`` linear exists) only the attention qkv/proj and MLP fc1/fc2 linears. With
@@ -121,6 +127,7 @@ class HyperfluxConfig:
     weight_by: str = "params"
     exact_target: bool = True
     lookahead: bool = True
+    round_to: int = 1
     filter: Optional[Callable] = None
     seed: int = 0
     derived: tuple = field(default=(), init=False, compare=False)
@@ -152,6 +159,7 @@ class HyperfluxConfig:
             raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
         _choice("weight_by", self.weight_by, WEIGHTINGS)
         _choice("score_init", self.score_init, SCORE_INITS)
+        _integer("round_to", self.round_to, 1, "channels")
         for name in ("exact_target", "lookahead"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"HyperfluxConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -215,9 +223,9 @@ def _choice(name: str, value, choices: tuple) -> None:
         raise ConfigError(f"HyperfluxConfig.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _integer(name: str, value, minimum: int) -> None:
+def _integer(name: str, value, minimum: int, unit: str = "optimiser steps") -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ConfigError(f"HyperfluxConfig.{name} must be an integer >= {minimum} (optimiser steps), got {value!r}")
+        raise ConfigError(f"HyperfluxConfig.{name} must be an integer >= {minimum} ({unit}), got {value!r}")
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:

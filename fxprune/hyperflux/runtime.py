@@ -116,8 +116,38 @@ class HyperfluxRuntime(nn.Module):
                 for g in self.gates:
                     g.exp_avg.zero_()
             self._warn_if_large(self.correct_density())
+        if sched.steps == c.pruning_steps + c.regrowth_steps and c.round_to > 1 and self.channel_plans:
+            self.round_channel_counts(c.round_to)
         if sched.phase() == "frozen":
             self._set_trainable(False)
+
+    @torch.no_grad()
+    def round_channel_counts(self, multiple: int) -> dict[int, tuple[int, int]]:
+        """Round the open channels of every gated space to the nearest multiple of ``multiple`` (at
+        least ``multiple``; spaces smaller than it are left alone): reopen the closed channels with
+        the highest scores or close the open ones with the lowest, as the density correction does.
+        ``step()`` calls it when the gates freeze if ``config.round_to > 1``. Returns
+        ``{space id: (open before, open after)}`` for the spaces that changed."""
+        margin = self.config.gate_lr * self.config.scheduler_interval
+        changed = {}
+        for plan in self.channel_plans:
+            score = self.gates[plan.gate_index].score
+            if plan.size < multiple:
+                continue
+            count = int((score >= 0).sum())
+            goal = min(plan.size, max(multiple, multiple * round(count / multiple)))
+            if goal == count:
+                continue
+            if goal > count:
+                closed = (score < 0).nonzero().flatten()
+                chosen = closed[score[closed].argsort(descending=True, stable=True)[:goal - count]]
+                score[chosen] = margin
+            else:
+                opened = (score >= 0).nonzero().flatten()
+                chosen = opened[score[opened].argsort(stable=True)[:count - goal]]
+                score[chosen] = -margin
+            changed[plan.space_id] = (count, goal)
+        return changed
 
     def _correction_due(self) -> bool:
         """With ``exact_target``: at the end of the pruning phase, at every scheduler interval of
