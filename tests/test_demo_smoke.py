@@ -21,6 +21,7 @@ def test_demo_quick_writes_report_and_plots(tmp_path, capsys):
     # the weight-pruned model deploys to the same outputs as its export: the same accuracy
     assert rows["hyperflux"]["deployed_accuracy"] == pytest.approx(rows["hyperflux"]["test_accuracy"], abs=1e-6)
     assert "sites/layers" in rows["hyperflux+exprune"]["deployed_paths"]
+    assert all(c["reason"] for c in report["deploy"]["hyperflux+exprune"])  # every site says why its path
     assert rows["dense"]["dense_macs"] == pytest.approx(rows["hyperflux"]["dense_macs"])
     assert rows["hyperflux"]["params_nonzero"] < rows["dense"]["params_nonzero"]  # gates closed some weights
     assert report["hyperflux"]["curve"], "no per-step sparsity/pressure record"

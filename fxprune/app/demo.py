@@ -280,7 +280,7 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
     for name, summary in paths.items():
         log(f"deploy {name}: {summary}")
     b1 = latencies(deployed, data.test.x[:1], s.latency_repeats)
-    b64 = latencies(deployed, data.test.x[:64], max(3, s.latency_repeats // 4))
+    b64 = latencies(deployed, data.test.x[:64], max(3, s.latency_repeats // 2))
     rows, reports = [], {}
     for name, model in (("dense", dense), ("hyperflux", pruned), ("hyperflux+exprune", exp)):
         model.eval()
@@ -313,6 +313,8 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
                                     "point_estimate": thresholds.point_estimate, "samples": thresholds.samples,
                                     "summary": thresholds.summary()}},
         "per_layer_macs": layers, "plots": [str(p) for p in plots],
+        "deploy": {name: [{"name": c.name, "path": c.path, "reason": c.reason} for c in m.deploy_choices]
+                   for name, m in deployed.items() if hasattr(m, "deploy_choices")},
         "note": "MACs per test image (1 MAC = one multiply-add). Effective MACs skip zero weights and "
                 "ExPrune-predicted outputs (the wrapped models); latency is measured on fxprune.deploy's plain "
                 "models (interleaved calls, median), whose accuracy is deployed_accuracy.",
