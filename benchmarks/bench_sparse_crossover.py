@@ -18,7 +18,7 @@ import _common
 import torch
 import torch.nn.functional as F
 
-from fxprune.deploying.weights import csr_linear, median_ms
+from fxprune.deploying.weights import csr_linear, median_call_ms
 
 HEADING = "## CSR crossover"
 FULL = dict(shapes=((512, 512), (2048, 2048), (2048, 8192)), batches=(1, 64),
@@ -41,11 +41,11 @@ def measure(in_features: int, out_features: int, batch: int, sparsities, repeats
     x = torch.randn(batch, in_features, generator=generator)
     bias = torch.randn(out_features, generator=generator)
     dense = sparse_weight(in_features, out_features, 0.0, generator)
-    times = {"dense": median_ms(lambda: F.linear(x, dense, bias), repeats, clock=clock)}
+    times = {"dense": median_call_ms(lambda: F.linear(x, dense, bias), repeats, clock=clock)}
     for sparsity in sparsities:
         csr = sparse_weight(in_features, out_features, sparsity, generator).to_sparse_csr()
         parts = (csr.crow_indices(), csr.col_indices(), csr.values(), bias.unsqueeze(1), (out_features, in_features))
-        times[sparsity] = median_ms(lambda: csr_linear(x, *parts), repeats, clock=clock)
+        times[sparsity] = median_call_ms(lambda: csr_linear(x, *parts), repeats, clock=clock)
     return times
 
 

@@ -44,7 +44,7 @@ from .choices import DeployChoice, DeployOptions
 from .constants import (Constant, add_operand, identity_is_safe, insert_full_constant, propagate, root_constant,
                         zero_fraction)
 
-__all__ = ["remove_dead_structure", "sparse_linear", "WEIGHT_PASSES", "median_ms", "LayerTimer",
+__all__ = ["remove_dead_structure", "sparse_linear", "WEIGHT_PASSES", "median_call_ms", "LayerTimer",
            "MIN_ZERO_FRACTION", "SPARSE_RTOL", "SPARSE_ATOL"]
 
 DEAD = "remove_dead_structure"
@@ -153,7 +153,7 @@ def sparse_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], options: De
     CSR paths are timed on random inputs of the layer's recorded input shape with the batch (first)
     dimension set to each of ``options.batch_sizes``; CSR is kept when ``dense / sparse >=
     options.min_speedup`` at every one. ``timer(layer, path, batch, run)`` returns the median
-    milliseconds of ``run()`` (default :func:`median_ms` with ``options.repeats``, on this thread's
+    milliseconds of ``run()`` (default :func:`median_call_ms` with ``options.repeats``, on this thread's
     CPU time when torch runs one thread: other jobs on a shared machine then cannot flip a choice).
     """
     inputs = tuple(example_inputs)
@@ -260,8 +260,8 @@ def _to_csr(weight: torch.Tensor) -> torch.Tensor:
         return weight.to_sparse_csr()
 
 
-def median_ms(run: Callable[[], Any], repeats: int = 20, warmup: int = 3,
-              clock: Callable[[], float] = time.perf_counter) -> float:
+def median_call_ms(run: Callable[[], Any], repeats: int = 20, warmup: int = 3,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
     """Median time of ``run()`` over ``repeats`` calls after ``warmup`` calls, in milliseconds.
 
     ``clock``: wall time by default; ``time.thread_time`` (CPU time of this thread) measures a
@@ -280,7 +280,7 @@ def median_ms(run: Callable[[], Any], repeats: int = 20, warmup: int = 3,
 def _default_timer(options: DeployOptions) -> LayerTimer:
     def timer(layer: str, path: str, batch: int, run: Callable[[], Any]) -> float:
         clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-        return median_ms(run, options.repeats, clock=clock)
+        return median_call_ms(run, options.repeats, clock=clock)
     return timer
 
 
