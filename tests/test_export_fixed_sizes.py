@@ -1,0 +1,152 @@
+"""Spaces whose size the graph states itself are not prunable (the analysis says why), so channel
+export never fails afterwards; spaces whose sizes the graph reads back from the same channels stay
+prunable and export to a smaller model with the gated outputs.
+
+One small module per pattern seen in timm (the family in brackets):
+constant split sizes (efficientvim), a constant head count in a reshape (efficientformerv2, cait),
+a size read from another tensor (byoanet's lambda layer), a size used as a value, a constant slice.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from hyperflux_models import gated, one_thread  # noqa: F401 (fixture)
+
+
+class ConstantSplit(nn.Module):
+    """One conv's channels split into pieces of constant sizes (efficientvim's hz_proj)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.proj = nn.Conv2d(8, 12, 1)
+        self.a, self.b = nn.Conv2d(6, 8, 1), nn.Conv2d(6, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = torch.split(F.relu(self.proj(x)), [6, 6], dim=1)
+        return self.a(a) + self.b(b) + x
+
+
+class ConstantHeads(nn.Module):
+    """Values reshaped into a constant number of heads (efficientformerv2's attention, cait)."""
+
+    heads = 2
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.v = nn.Conv2d(8, 8, 1)
+        self.proj = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        b, c, h, w = x.shape
+        v = self.v(x).reshape(b, self.heads, -1, h * w)
+        return self.proj(F.relu(v).reshape(b, -1, h, w))
+
+
+class SizeFromOtherTensor(nn.Module):
+    """A block's output reshaped to its input's channel count (byoanet's LambdaLayer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.inner = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        b, c, h, w = x.shape
+        y = F.relu(self.inner(x)).flatten(2)
+        return self.head(y.reshape(b, c, h, w))
+
+
+class SizeAsValue(nn.Module):
+    """A channel count used as a scale (an attention's ``head_dim ** -0.5`` read from the shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.head(x * x.shape[1] ** -0.5)
+
+
+class ConstantSlice(nn.Module):
+    """The first channels of a conv taken by a constant slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.stem(x))[:, :4])
+
+
+class SizesFromSameChannels(nn.Module):
+    """Reshapes sized from the very tensor they reshape: every space stays prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.mid = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.mid(F.relu(self.stem(x))))
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h * w).transpose(1, 2)
+        return self.head(tokens.view(tokens.shape).mean(1))
+
+
+# (model, a parameter on the space export cannot shrink, words its reason contains)
+FIXED = [
+    (ConstantSplit, "proj.weight", "splits this axis"),
+    (ConstantHeads, "v.weight", "hard-codes this axis' size (2)"),
+    (SizeFromOtherTensor, "inner.weight", "from another tensor's axis"),
+    (SizeAsValue, "stem.weight", "its size is read by function operator.pow"),
+    (ConstantSlice, "stem.weight", "slices this axis"),
+]
+
+
+@pytest.mark.parametrize("model_fn, key, words", FIXED, ids=[m.__name__ for m, _, _ in FIXED])
+def test_a_space_with_a_stated_size_is_not_prunable_and_says_why(model_fn, key, words):
+    x = torch.randn(2, 3, 4, 4)
+    spaces = fxprune.analyze(model_fn().eval(), x).spaces_of(key, 0)
+    assert spaces
+    for space in spaces:
+        assert space.exchangeable and not space.prunable
+        assert words in space.reason
+
+
+@pytest.mark.parametrize("model_fn", [m for m, _, _ in FIXED] + [SizesFromSameChannels],
+                         ids=[m.__name__ for m, _, _ in FIXED] + ["SizesFromSameChannels"])
+def test_every_gated_space_exports_to_the_gated_outputs(model_fn):
+    x = torch.randn(2, 3, 4, 4)
+    try:
+        gm, rt = gated(model_fn().eval(), x, granularity="channel")
+    except fxprune.ConfigError as exc:  # nothing left to gate: the reason names the stated size
+        assert "not prunable" in str(exc)
+        return
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for plan in rt.channel_plans:
+            rt.gates[plan.gate_index].score[torch.randperm(plan.size, generator=g)[:max(1, plan.size // 3)]] = -0.1
+    gm.eval()
+    plain = fxprune.export(gm)
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model_fn().parameters())
+    with torch.no_grad():
+        assert torch.allclose(plain(x), gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_read_from_the_same_channels_keep_every_space_prunable():
+    analysis = fxprune.analyze(SizesFromSameChannels().eval(), torch.randn(2, 3, 4, 4))
+    for key in ("stem.weight", "mid.weight"):
+        (space,) = analysis.spaces_of(key, 0)
+        assert space.prunable, space.reason
