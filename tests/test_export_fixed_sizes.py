@@ -4,9 +4,11 @@ prunable and export to a smaller model with the gated outputs.
 
 One small module per pattern seen in timm (the family in brackets):
 constant split sizes (efficientvim), a constant head count in a reshape (efficientformerv2, cait),
-a size read from another tensor (byoanet's lambda layer), a size used as a value, a constant slice.
+a size read from another tensor (byoanet's lambda layer), a size used as a value, a constant slice;
+and a leaf that keeps its channel count as an attribute, which export updates (tresnet's BlurPool2d).
 """
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,6 +107,19 @@ class SizesFromSameChannels(nn.Module):
         return self.head(tokens.view(tokens.shape).mean(1))
 
 
+class BlurPooled(nn.Module):
+    """timm's BlurPool2d with ``channels`` set: its functional conv uses ``groups=self.channels``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.blur = timm.layers.BlurPool2d(8, filt_size=3, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.blur(F.relu(self.stem(x))))
+
+
 # (model, a parameter on the space export cannot shrink, words its reason contains)
 FIXED = [
     (ConstantSplit, "proj.weight", "splits this axis"),
@@ -125,8 +140,10 @@ def test_a_space_with_a_stated_size_is_not_prunable_and_says_why(model_fn, key, 
         assert words in space.reason
 
 
-@pytest.mark.parametrize("model_fn", [m for m, _, _ in FIXED] + [SizesFromSameChannels],
-                         ids=[m.__name__ for m, _, _ in FIXED] + ["SizesFromSameChannels"])
+EXPORTED = [m for m, _, _ in FIXED] + [SizesFromSameChannels, BlurPooled]
+
+
+@pytest.mark.parametrize("model_fn", EXPORTED, ids=[m.__name__ for m in EXPORTED])
 def test_every_gated_space_exports_to_the_gated_outputs(model_fn):
     x = torch.randn(2, 3, 4, 4)
     try:
@@ -141,6 +158,8 @@ def test_every_gated_space_exports_to_the_gated_outputs(model_fn):
     gm.eval()
     plain = fxprune.export(gm)
     assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model_fn().parameters())
+    if model_fn is BlurPooled:
+        assert plain.blur.channels == plain.blur.filt.shape[0] == plain.stem.out_channels < 8
     with torch.no_grad():
         assert torch.allclose(plain(x), gm(x), rtol=1e-4, atol=1e-5)
 
