@@ -8,7 +8,9 @@ the channels (at least one) are closed at random through the public runtime, the
 ``fxprune.export`` runs. Outcome per family:
 
 - ok: the exported model is smaller and its outputs equal the gated model's within 1e-4 of the
-  output scale;
+  output scale (``export(model, atol=1e-4)``; export's default atol, 1e-5 of the scale, is tighter
+  than the fp32 rounding of some deep random networks: rexnet differs by ~5e-5 of its scale in
+  fp32 and by 1e-14 in float64);
 - no space: the wrap found no channel space it can gate (the reason is recorded);
 - export error / mismatch / not smaller: export failed, its outputs differ, or nothing was removed;
 - error / timeout: the model could not be built or wrapped (not counted in the rate).
@@ -37,6 +39,8 @@ import fxprune  # noqa: E402
 
 QUICK = ["resnet18", "efficientvim_m1", "efficientformerv2_s0", "convnext_atto"]
 CLOSED_FRACTION = 0.3
+PINNED_SIZES = {"deepseek_vit_412m": 56}  # families not in timm_coverage's list: an input their patch size divides
+TOLERANCE = 1e-4  # of the output's largest magnitude: fp32 rounding of a deep random network is ~1e-5
 HEADING = "## Channel export over timm families"
 
 
@@ -72,7 +76,8 @@ def family_models() -> list[str]:
     chosen = []
     for family, names in sorted(all_families().items()):
         candidates = listed.get(family, names)
-        chosen.append(min(candidates, key=lambda spec: parameter_count(spec.partition(":")[0])))
+        spec = min(candidates, key=lambda spec: parameter_count(spec.partition(":")[0]))
+        chosen.append(f"{spec}:{PINNED_SIZES[spec]}" if spec in PINNED_SIZES else spec)
     return chosen
 
 
@@ -119,14 +124,14 @@ def check(spec: str, timeout: int) -> Outcome:
             r.closed = close_channels(runtime, CLOSED_FRACTION)
             wrapped.eval()
             try:
-                plain = fxprune.export(wrapped)
+                plain = fxprune.export(wrapped, atol=TOLERANCE)
             except fxprune.ExportError as exc:
                 r.outcome = "mismatch" if "differs from the gated model" in str(exc) else "export error"
                 r.detail = first_line(exc)
                 return r
             r.params_after = n_params(plain)
             with torch.no_grad():
-                diff = same_outputs(wrapped(x), plain(x))
+                diff = same_outputs(wrapped(x), plain(x), TOLERANCE)
             if diff:
                 r.outcome, r.detail = "mismatch", diff
             elif r.params_after >= r.params_before:
