@@ -107,6 +107,34 @@ class SizesFromSameChannels(nn.Module):
         return self.head(tokens.view(tokens.shape).mean(1))
 
 
+class GatedHalves(nn.Module):
+    """A SwiGLU-style conv: one conv's output chunked into a gate and a value half, multiplied.
+    Channel j sits at j and j + 6; cutting it from both halves keeps them equal: prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.fc1 = nn.Conv2d(8, 12, 1)
+        self.fc2 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        gate, value = self.fc1(F.relu(self.stem(x))).chunk(2, dim=1)
+        return self.fc2(F.silu(gate) * value)
+
+
+class ChunkedBranches(nn.Module):
+    """One conv's output chunked into halves that feed different convs: the halves' channels differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 12, 1)
+        self.a, self.b = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        a, b = F.relu(self.proj(x)).chunk(2, dim=1)
+        return self.a(a) + self.b(b)
+
+
 class BlurPooled(nn.Module):
     """timm's BlurPool2d with ``channels`` set: its functional conv uses ``groups=self.channels``."""
 
@@ -127,6 +155,7 @@ FIXED = [
     (SizeFromOtherTensor, "inner.weight", "from another tensor's axis"),
     (SizeAsValue, "stem.weight", "its size is read by function operator.pow"),
     (ConstantSlice, "stem.weight", "slices this axis"),
+    (ChunkedBranches, "proj.weight", "cuts equal pieces whose channels differ"),
 ]
 
 
@@ -140,7 +169,7 @@ def test_a_space_with_a_stated_size_is_not_prunable_and_says_why(model_fn, key, 
         assert words in space.reason
 
 
-EXPORTED = [m for m, _, _ in FIXED] + [SizesFromSameChannels, BlurPooled]
+EXPORTED = [m for m, _, _ in FIXED] + [SizesFromSameChannels, GatedHalves, BlurPooled]
 
 
 @pytest.mark.parametrize("model_fn", EXPORTED, ids=[m.__name__ for m in EXPORTED])
@@ -165,8 +194,10 @@ def test_every_gated_space_exports_to_the_gated_outputs(model_fn):
         assert torch.allclose(plain(x), gm(x), rtol=1e-4, atol=1e-5)
 
 
-def test_sizes_read_from_the_same_channels_keep_every_space_prunable():
-    analysis = fxprune.analyze(SizesFromSameChannels().eval(), torch.randn(2, 3, 4, 4))
-    for key in ("stem.weight", "mid.weight"):
+@pytest.mark.parametrize("model_fn, keys", [(SizesFromSameChannels, ("stem.weight", "mid.weight")),
+                                            (GatedHalves, ("stem.weight", "fc1.weight"))])
+def test_sizes_that_follow_the_channels_keep_every_space_prunable(model_fn, keys):
+    analysis = fxprune.analyze(model_fn().eval(), torch.randn(2, 3, 4, 4))
+    for key in keys:
         (space,) = analysis.spaces_of(key, 0)
         assert space.prunable, space.reason

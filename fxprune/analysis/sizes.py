@@ -5,7 +5,8 @@ module attributes, but it does not rewrite the graph. A graph that states an axi
 would then disagree with the smaller tensors:
 
 - a constant: ``x.view(B, 8, -1)``, ``x.expand(B, 64, H, W)``, ``torch.split(x, [128, 128], 1)``,
-  a constant slice ``x[:, :64]``, a functional depthwise conv's ``groups``. The rules state these
+  a constant slice ``x[:, :64]``, a functional depthwise conv's ``groups``; ``x.chunk(2, 1)`` only
+  when a channel does not have as many positions in each piece (SwiGLU's gate and value halves do). The rules state these
   with :meth:`RuleContext.fixes` / :meth:`RuleContext.sets_size`;
 - a size read from a tensor (``B, C, H, W = x.shape``) and used to size another tensor whose axis
   carries different channels (``y.reshape(B, C, H, W)``), or used as a value (``C ** -0.5``).
@@ -40,11 +41,14 @@ class SizeUse:
 
 @dataclass
 class SizeTie:
-    """Axes ``a`` and ``b`` must keep equal sizes; ``why`` names the op."""
+    """Axes ``a`` and ``b`` must keep equal sizes; ``why`` names the op. ``ordered``: the sizes
+    follow each other position by position (a reshape), else only in count (the equal pieces of
+    ``chunk``: they stay equal when every channel has as many positions in each)."""
 
     a: int
     b: int
     why: str
+    ordered: bool = True
 
 
 def _is_whole_shape(node: fx.Node) -> bool:
@@ -109,10 +113,14 @@ def mark_size_reads(gm: fx.GraphModule, node_axes: dict, uses: list[SizeUse], ti
 
 
 def resolve_ties(table, labels: np.ndarray, ties: list[SizeTie]) -> None:
-    """Mark both axes of every tie whose elements are not the same fibers, in the same order."""
+    """Mark both axes of every tie whose elements are not the same fibers (in the same order when
+    the tie is ordered)."""
     for tie in ties:
         a, b = labels[table.elements(tie.a)], labels[table.elements(tie.b)]
+        if not tie.ordered:
+            a, b = np.sort(a), np.sort(b)
         if not np.array_equal(a, b):
-            reason = f"{tie.why} sizes it from another tensor's axis that carries other channels"
+            reason = (f"{tie.why} sizes it from another tensor's axis that carries other channels" if tie.ordered
+                      else f"{tie.why} cuts equal pieces whose channels differ")
             table.mark(tie.a, None, reason, FIXED)
             table.mark(tie.b, None, reason, FIXED)

@@ -157,8 +157,8 @@ class SpaceBuilder:
     def size_set(self, axis: int, value: fx.Node, index: int | None, user: fx.Node) -> None:
         self.size_uses.append(SizeUse(axis, value, index, user))
 
-    def size_tie(self, a: int, b: int, why: str) -> None:
-        self.size_ties.append(SizeTie(a, b, why))
+    def size_tie(self, a: int, b: int, why: str, ordered: bool = True) -> None:
+        self.size_ties.append(SizeTie(a, b, why, ordered))
 
     # -- axes ----------------------------------------------------------------------------
     def param_axes(self, key: str) -> list[int] | None:

@@ -167,10 +167,11 @@ class RuleContext:
         elif isinstance(value, int) and value >= 0:
             self.fixes(axis, f"{self.description} hard-codes this axis' size ({value})")
 
-    def same_size(self, a: int | None, b: int | None) -> None:
-        """The op sizes axis ``b`` after axis ``a`` of another tensor (``view_as``, ``expand_as``)."""
+    def same_size(self, a: int | None, b: int | None, ordered: bool = True) -> None:
+        """The op sizes axis ``b`` after axis ``a`` of another tensor (``view_as``, ``expand_as``);
+        ``ordered=False``: in count only (the equal pieces of ``chunk``)."""
         if a is not None and b is not None:
-            self._b.size_tie(a, b, self.description)
+            self._b.size_tie(a, b, self.description, ordered)
 
     def break_all(self, reason: str) -> None:
         """Break every axis of every tensor argument and of the output (the op is not understood)."""

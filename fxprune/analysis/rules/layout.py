@@ -217,7 +217,10 @@ def split_rule(ctx: RuleContext) -> None:
                 ctx.same(x[d], item[d])
     if offset != ctx.size(x[dim]):
         ctx.break_all(f"{ctx.description} ({name}): pieces do not cover the axis")
-    elif len(items) > 1:  # the pieces' sizes are fixed in the graph (or by the count of chunks)
+    elif len(items) > 1 and name == "chunk" and len({ctx.size(i[dim]) for i in items}) == 1:
+        for item in items[1:]:  # equal pieces stay equal when each channel is cut in every piece
+            ctx.same_size(items[0][dim], item[dim], ordered=False)
+    elif len(items) > 1:  # the pieces' sizes are constants of the graph
         ctx.fixes(x[dim], f"{ctx.description} ({name}) splits this axis into pieces of fixed sizes")
 
 
