@@ -133,15 +133,17 @@ def test_channel_export_of_a_timm_vit_removes_mlp_hidden_channels():
     assert torch.allclose(plain(x), wrapped(x), atol=1e-5)
 
 
-def test_hard_coded_channel_count_is_reported_and_folding_still_works():
+def test_hard_coded_channel_count_is_not_gated_and_export_removes_the_others():
     x = torch.randn(2, 3, 8, 8)
     gm, rt = gated(HardCodedReshape(), x, granularity="channel")
+    assert [p.members[0].key for p in rt.channel_plans] == ["conv.weight"]  # conv2's count is in the reshape
+    assert any("hard-codes this axis' size (128)" in reason for reason in rt.skipped.values())
     _close_randomly(rt, 0.5)
-    with pytest.raises(ExportError, match="remove_channels=False"):
-        export(gm)
-    plain = export(gm, remove_channels=False)
     gm.eval()
-    assert torch.equal(plain(x), gm(x))
+    plain = export(gm)
+    assert plain.conv.out_channels < 8 and torch.allclose(plain(x), gm(x), atol=1e-5)
+    folded = export(gm, remove_channels=False)
+    assert torch.equal(folded(x), gm(x))
 
 
 def test_export_strips_exprune_ops():

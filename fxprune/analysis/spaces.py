@@ -24,6 +24,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from .rules import RuleContext, lookup_rule, op_description
+from .sizes import FIXED, SizeTie, SizeUse, mark_size_reads, resolve_ties
 
 Position = Union[int, list]
 
@@ -45,8 +46,10 @@ class Space:
         size: number of channels.
         exchangeable: permuting the channels in all members leaves the model's outputs unchanged,
             and the space is produced by learned parameters (ExPrune's premise).
-        prunable: exchangeable, and no op reduces across it (LayerNorm, softmax, mean over
-            channels), so removing a channel from every member gives a consistent smaller model.
+        prunable: exchangeable, no op reduces across it (LayerNorm, softmax, mean over channels)
+            and no op states the size of an axis carrying it (a constant reshape, split sizes, a
+            size read as a value: :mod:`fxprune.analysis.sizes`), so removing a channel from every
+            member gives a consistent smaller model.
         reason: why not exchangeable (or why not prunable); "" when both hold.
         members: parameters and buffers on the space.
         tensors: (node name, dim) of the activations that carry the space.
@@ -148,6 +151,14 @@ class SpaceBuilder:
         self._state.update(dict(gm.named_buffers(remove_duplicate=False)))
         self._canonical = _canonical_keys(gm)
         self.unknown_ops: dict[str, str] = {}
+        self.size_uses: list[SizeUse] = []
+        self.size_ties: list[SizeTie] = []
+
+    def size_set(self, axis: int, value: fx.Node, index: int | None, user: fx.Node) -> None:
+        self.size_uses.append(SizeUse(axis, value, index, user))
+
+    def size_tie(self, a: int, b: int, why: str, ordered: bool = True) -> None:
+        self.size_ties.append(SizeTie(a, b, why, ordered))
 
     # -- axes ----------------------------------------------------------------------------
     def param_axes(self, key: str) -> list[int] | None:
@@ -210,6 +221,7 @@ class SpaceBuilder:
                 reason = f"axis rule for {ctx.description} failed ({type(exc).__name__}: {exc})"
                 self.unknown_ops[ctx.description] = reason
                 ctx.break_all(reason)
+        mark_size_reads(self.gm, self.node_axes, self.size_uses, self.size_ties, self.table)
 
     def _flat_break(self, axes, reason: str) -> None:
         for a in _flatten_axes(axes):
@@ -232,6 +244,7 @@ class SpaceBuilder:
         t = self.table
         n_axes = len(t.sizes)
         labels = t.components()
+        resolve_ties(t, labels, self.size_ties)
         elem_axis = np.repeat(np.arange(n_axes, dtype=np.int64), t.sizes)
         is_param_axis = np.array([o[0] == "param" for o in t.owners], dtype=bool)
 
@@ -285,14 +298,15 @@ class SpaceBuilder:
                 positions = pos[:, 0].tolist() if pos.shape[1] == 1 else pos.tolist()
                 members.append(Member(owner[1], owner[2], positions))
             breaks = sorted({r for r, k in marks if k == "break"})
-            reduces = sorted({r for r, k in marks if k == "reduce"})
+            # not prunable: an op reduces across the space, or states the size of an axis carrying it
+            limits = sorted({r for r, k in marks if k == "reduce"}) + sorted({r for r, k in marks if k == FIXED})
             exchangeable = not breaks
-            reason = _join_reasons(breaks) if breaks else (_join_reasons(reduces) if reduces else "")
+            reason = _join_reasons(breaks) if breaks else (_join_reasons(limits) if limits else "")
             tensors = [(t.owners[a][1], t.owners[a][2]) for a in axes if t.owners[a][0] == "node"]
             if not tensors:  # parameter-only axes (kernel windows, embedding rows): not channel spaces
                 continue
             sid = len(spaces)
-            spaces.append(Space(sid, len(comps), exchangeable, exchangeable and not reduces, reason, members, tensors))
+            spaces.append(Space(sid, len(comps), exchangeable, exchangeable and not limits, reason, members, tensors))
             self.comp_space[comps] = sid
         self.labels = labels
         self._annotate()

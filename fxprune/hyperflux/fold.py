@@ -75,6 +75,7 @@ def remove_positions(gm: nn.Module, key: str, axes: dict[int, set[int]]) -> None
     path, _, name = key.rpartition(".")
     module = gm.get_submodule(path)
     tensor = getattr(module, name)
+    old_shape = tuple(tensor.shape)
     for axis, removed in axes.items():
         kept = [p for p in range(tensor.shape[axis]) if p not in removed]
         tensor = tensor.detach().index_select(axis, torch.tensor(kept, dtype=torch.long, device=tensor.device))
@@ -84,6 +85,8 @@ def remove_positions(gm: nn.Module, key: str, axes: dict[int, set[int]]) -> None
     else:
         module._buffers[name] = tensor.contiguous()
     _resize_attributes(module)
+    if type(getattr(module, "channels", None)) is int and module.channels == old_shape[0] != tensor.shape[0]:
+        module.channels = tensor.shape[0]  # a leaf's channel count kept as an attribute (timm's BlurPool2d)
 
 
 def _resize_attributes(module: nn.Module) -> None:

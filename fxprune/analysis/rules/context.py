@@ -40,7 +40,7 @@ class RuleContext:
     as named in reasons). Reading: :meth:`arg`, :meth:`axes_of`, :meth:`in_axes`,
     :meth:`items_of`, :meth:`tensor_args`, :attr:`out`, :attr:`out_items`, :meth:`param`,
     :meth:`size`, :meth:`shape`. Stating: :meth:`same`, :meth:`link`, :meth:`breaks`, :meth:`reduces`,
-    :meth:`break_all`. Axes a leaf has inside (a hidden layer): :meth:`new_axis`.
+    :meth:`fixes`, :meth:`sets_size`, :meth:`same_size`, :meth:`break_all`. Axes a leaf has inside (a hidden layer): :meth:`new_axis`.
     """
 
     def __init__(self, builder, node: fx.Node, module: nn.Module | None):
@@ -148,6 +148,30 @@ class RuleContext:
         for a in _as_list(axes):
             if a is not None:
                 self._b.table.mark(a, None, reason, "reduce")
+
+    def fixes(self, axes: int | None | Iterable[int | None], reason: str) -> None:
+        """The op states the size of these axes itself (a constant shape, split sizes, a constant
+        slice): exchangeable, but export cannot shrink them, so not prunable."""
+        for a in _as_list(axes):
+            if a is not None:
+                self._b.table.mark(a, None, reason, "fixed")
+
+    def sets_size(self, axis: int | None, value: Any, index: int | None = None) -> None:
+        """The op gives ``axis`` (of its output) the size ``value``: an int (-1 = inferred), or an fx
+        node computing it (element ``index`` of a ``torch.Size`` node). A constant fixes the axis; a
+        size read from another tensor ties the two axes (see :mod:`fxprune.analysis.sizes`)."""
+        if axis is None:
+            return
+        if isinstance(value, fx.Node):
+            self._b.size_set(axis, value, index, self.node)
+        elif isinstance(value, int) and value >= 0:
+            self.fixes(axis, f"{self.description} hard-codes this axis' size ({value})")
+
+    def same_size(self, a: int | None, b: int | None, ordered: bool = True) -> None:
+        """The op sizes axis ``b`` after axis ``a`` of another tensor (``view_as``, ``expand_as``);
+        ``ordered=False``: in count only (the equal pieces of ``chunk``)."""
+        if a is not None and b is not None:
+            self._b.size_tie(a, b, self.description, ordered)
 
     def break_all(self, reason: str) -> None:
         """Break every axis of every tensor argument and of the output (the op is not understood)."""

@@ -54,8 +54,11 @@ def conv_function_rule(n_spatial: int, transposed: bool = False):
         if not isinstance(groups, int):
             ctx.break_all(f"{ctx.description}: non-constant groups")
             return
-        _conv_core(ctx, ctx.in_axes(0, "input"), ctx.out, ctx.in_axes(1, "weight"), ctx.in_axes(2, "bias"),
-                   groups, n_spatial, transposed)
+        x, out = ctx.in_axes(0, "input"), ctx.out
+        _conv_core(ctx, x, out, ctx.in_axes(1, "weight"), ctx.in_axes(2, "bias"), groups, n_spatial, transposed)
+        if groups > 1 and x is not None and out is not None:  # the graph's constant groups must match C
+            c = len(x) - n_spatial - 1
+            ctx.fixes([x[c], out[c]], f"{ctx.description}: constant groups={groups}")
 
     return rule
 
@@ -142,6 +145,8 @@ def _group_norm_core(ctx, x, out, num_groups, params) -> None:
         ctx.reduces(x[1], f"{ctx.description} normalizes across channels")
     elif num_groups != ctx.size(x[1]):
         ctx.breaks(x[1], f"{ctx.description}: GroupNorm with {num_groups} groups ties channels to groups")
+    elif ctx.module is None:  # F.group_norm: the graph's constant num_groups must match C
+        ctx.fixes(x[1], f"{ctx.description}: constant num_groups={num_groups}")
 
 
 def groupnorm_module_rule(ctx: RuleContext) -> None:

@@ -49,6 +49,42 @@ def view_like(ctx: RuleContext) -> None:
             ctx.breaks([x[d] for d in ins[1:]], f"{ctx.description} merges axes; inner part is position-specific")
         else:
             ctx.breaks([x[d] for d in ins] + [out[d] for d in outs], f"{ctx.description} regroups axes")
+    _state_view_sizes(ctx, out)
+
+
+def _state_view_sizes(ctx: RuleContext, out: list[int]) -> None:
+    """Sizes a view states itself: the target shape of view/reshape/unflatten, the other tensor
+    of view_as/reshape_as (flatten/squeeze/unsqueeze state none)."""
+    node, target = ctx.node, ctx.node.target
+    if target in ("view_as", "reshape_as"):
+        other = ctx.in_axes(1, "other")
+        for a, b in zip(other or [], out if other is not None and len(other) == len(out) else []):
+            ctx.same_size(a, b)
+        return
+    first = 0
+    if target in ("view", "reshape") and node.op == "call_method":
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, fx.Node)):
+            sizes = sizes[0]
+        sizes = sizes or node.kwargs.get("shape", node.kwargs.get("size", ()))
+    elif target is torch.reshape:
+        sizes = ctx.arg(1, "shape")
+    elif target == "unflatten":
+        first, sizes = ctx.arg(1, "dim"), ctx.arg(2, "sizes")
+    elif ctx.module is not None and hasattr(ctx.module, "unflattened_size"):  # nn.Unflatten
+        first, sizes = ctx.module.dim, ctx.module.unflattened_size
+    else:
+        return
+    if isinstance(sizes, fx.Node):  # y.view(x.shape): every dim sized after x's
+        for j, a in enumerate(out):
+            ctx.sets_size(a, sizes, j)
+        return
+    if not isinstance(first, int) or not isinstance(sizes, (list, tuple)):
+        ctx.fixes(out, f"{ctx.description}: target shape unknown")
+        return
+    first = normalize_dim(first, len(out))
+    for a, value in zip(out[first:first + len(sizes)], sizes):
+        ctx.sets_size(a, value)
 
 
 def view_module_rule(ctx: RuleContext) -> None:  # nn.Flatten / nn.Unflatten
@@ -181,6 +217,11 @@ def split_rule(ctx: RuleContext) -> None:
                 ctx.same(x[d], item[d])
     if offset != ctx.size(x[dim]):
         ctx.break_all(f"{ctx.description} ({name}): pieces do not cover the axis")
+    elif len(items) > 1 and name == "chunk" and len({ctx.size(i[dim]) for i in items}) == 1:
+        for item in items[1:]:  # equal pieces stay equal when each channel is cut in every piece
+            ctx.same_size(items[0][dim], item[dim], ordered=False)
+    elif len(items) > 1:  # the pieces' sizes are constants of the graph
+        ctx.fixes(x[dim], f"{ctx.description} ({name}) splits this axis into pieces of fixed sizes")
 
 
 def unbind_rule(ctx: RuleContext) -> None:
@@ -232,6 +273,7 @@ def getitem_rule(ctx: RuleContext) -> None:
         elif isinstance(item, int):
             pos = normalize_dim(item, ctx.size(x[d]))
             ctx.breaks(x[d], f"{ctx.description}: selects position {item}", positions=[pos])
+            ctx.fixes(x[d], f"{ctx.description} selects a constant position along this axis")
             d += 1
         elif isinstance(item, slice):
             if any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
@@ -242,6 +284,7 @@ def getitem_rule(ctx: RuleContext) -> None:
                 ctx.same(x[d], out[o])
             else:
                 ctx.link(x[d], np.asarray(rng), out[o], np.arange(len(rng)))
+                ctx.fixes(x[d], f"{ctx.description} slices this axis at constant positions")
             d += 1; o += 1
         else:
             ctx.break_all(f"{ctx.description}: unsupported index {item!r}")
@@ -259,6 +302,16 @@ def expand_rule(ctx: RuleContext) -> None:
     for d, a in enumerate(x):
         if ctx.size(a) == ctx.size(out[offset + d]):
             ctx.same(a, out[offset + d])
+    if ctx.node.target == "expand_as":
+        other = ctx.in_axes(1, "other")
+        for a, b in zip(other or [], out if other is not None and len(other) == len(out) else []):
+            ctx.same_size(a, b)
+        return
+    sizes = ctx.node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = sizes[0]
+    for a, value in zip(out, sizes if len(sizes) == len(out) else [None] * len(out)):
+        ctx.sets_size(a, value)  # -1 keeps the input's size
 
 
 
