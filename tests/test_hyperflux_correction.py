@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import fxprune
 from fxprune.hyperflux import HyperfluxConfig
-from fxprune.hyperflux.runtime import decode_state, encode_state
+from fxprune.hyperflux.state import decode_state, encode_state
 from hyperflux_models import TinyCNN, batches, gated, mlp, one_thread, teacher_data, train  # noqa: F401 (fixture)
 from hypothesis_profiles import examples
 
