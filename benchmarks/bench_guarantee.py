@@ -117,6 +117,7 @@ def table(stored: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    command = "python -m benchmarks.bench_guarantee " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(max(1, args.threads or _common.default_threads()))
     sizes = FULL["image"]
     splits = None
@@ -125,15 +126,16 @@ def main(argv=None) -> int:
         task = Task(name, splits, sizes)
         dense = task.dense(0)
         pool = (splits.train[0][sizes.train:], splits.train[1][sizes.train:])  # never seen by the dense model
-        rows = [{"model": name, "method": "sign oracle", "saved": sign_oracle(task, dense), "seed": 0}]
+        rows = [{"model": name, "method": "sign oracle", "saved": sign_oracle(task, dense), "seed": 0, "command": command}]
         dense_correct = task.correct(dense, task.test)
         jobs = [(d, i) for d in args.max_drops for i in range(args.first_draw, args.first_draw + args.draws)]
         for max_drop, i in tqdm(jobs, desc=f"{name} draws", unit="draw"):
-            rows.append(draw(task, dense, pool, max_drop, i, args.cal_size, dense_correct))
+            rows.append(dict(draw(task, dense, pool, max_drop, i, args.cal_size, dense_correct), command=command))
             report.store("guarantee", name, rows)
     stored = report.load("guarantee")
-    body = [__doc__.strip().split("\n\n")[1].replace("\n", " "), "", *table(stored)]
-    command = "python -m benchmarks.bench_guarantee " + " ".join(sys.argv[1:] if argv is None else argv)
+    made_by = sorted({r.get("command", "?") for rows in stored.values() for r in rows})
+    body = [__doc__.strip().split("\n\n")[1].replace("\n", " "), "", *table(stored), "",
+            "Rows measured by: " + "; ".join(f"`{c}`" for c in made_by) + "."]
     _common.write_section(_common.section(HEADING, command, body, _common.load_note()))
     print("\n".join(body))
     return 0
