@@ -1,0 +1,68 @@
+"""Hyperflux settings compared on the suite's development split (how the defaults were chosen).
+
+For a suite CNN (dense model from ``python -m benchmarks.suite``'s cache), each ``--setting`` (a
+JSON dict of HyperfluxConfig fields, e.g. '{"score_init": "uniform"}') is run with the suite's
+fine-tuning loop and prints the development-split accuracy at the end of the pruning phase and after
+regrowth, the first density correction and the sparsity reached. The test split is never used.
+
+    .venv/bin/python -m benchmarks.hyperflux_dev_study --target 0.9 --epochs 1 --setting '{}' '{"score_init": "uniform"}'
+    .venv/bin/python -m benchmarks.hyperflux_dev_study --granularity channel --target 0.7 --epochs 3 --regrowth 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import fxprune
+from benchmarks import _common
+from benchmarks.suite.run import FULL
+from benchmarks.suite.tasks import Task, load_splits
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    p.add_argument("--model", default="resnet18", choices=["resnet18", "vgg11_bn", "mobilenetv2_100"])
+    p.add_argument("--granularity", default="weight", choices=["weight", "channel"])
+    p.add_argument("--target", type=float, default=0.9, help="target sparsity (channel: fraction of MACs)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--regrowth", type=float, default=0.2, help="fraction of the steps given to regrowth")
+    p.add_argument("--setting", nargs="+", default=["{}"], help="HyperfluxConfig fields as JSON, one run each")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads or _common.default_threads()))
+    sizes = FULL["image"]
+    task = Task(args.model, load_splits("image", sizes.context), sizes)
+    dense = task.dense(0)
+    print(f"dense: {100 * task.accuracy(dense, task.dev):.2f} % on the development split")
+    total = args.epochs * task.steps_per_epoch()
+    regrowth = max(1, int(args.regrowth * total))
+    pruning = total - regrowth
+    extra = dict(granularity="channel", weight_by="macs") if args.granularity == "channel" else {}
+    for setting in args.setting:
+        config = fxprune.HyperfluxConfig(args.target, pruning_steps=pruning, regrowth_steps=regrowth,
+                                         **extra, **json.loads(setting))
+        model = fxprune.wrap(task.copy_of(dense).train(), task.example_inputs(), hyperflux=config)
+        runtime, at_end = model.fxprune.hyperflux, {}
+
+        def after_step():
+            model.fxprune.step()
+            if runtime.steps == pruning:
+                at_end["accuracy"] = task.accuracy(model, task.dev)
+                model.train()
+
+        t0 = time.perf_counter()
+        task.fit(model, args.epochs, dense=False, seed=1, after_step=after_step)
+        first = runtime.corrections[0] if runtime.corrections else {"closed": 0, "reopened": 0}
+        gates = sum(g.score.numel() for g in runtime.gates)
+        print(f"{args.granularity} {args.target:g} {args.epochs} ep, regrowth {args.regrowth:g}, {setting}: "
+              f"end of pruning {100 * at_end['accuracy']:.2f} %, final {100 * task.accuracy(model, task.dev):.2f} %, "
+              f"first correction {first['closed'] + first['reopened']} of {gates} gates, sparsity "
+              f"{runtime.sparsity():.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
