@@ -206,7 +206,8 @@ class Suite:
             "channel": "Hyperflux granularity='channel', weight_by='macs' (target = fraction of gated MACs), then "
                        "fxprune.export; Torch-Pruning 1.6.1 MetaPruner (uniform per-layer ratio, its default, found "
                        "by bisection to the MACs goal), one-shot, then the same fine-tuning epochs "
-                       f"({self.grid['channel_epochs']}). Latency: median eager CPU forward.",
+                       f"({self.grid['channel_epochs']}). Latency: median eager CPU forward (this thread's CPU time when torch runs "
+                       "on one thread, so that other jobs do not inflate it; rows before 2026-12-02 03:40 UTC: wall time).",
             "exprune": "ExPruneConfig() defaults (rule threshold, k=32), fxprune.calibrate with per-sample "
                        "correctness on the development split; MACs saved = 1 - effective / dense MACs of the "
                        "whole model on the test split (fxprune.flops).",
