@@ -31,7 +31,7 @@ from scipy import special
 from ...errors import ConfigError
 from .search import verified_search
 
-FALLBACKS = (0.5, 0.8)  # fallback positions of certified_search, as fractions of the search's penalty
+FALLBACKS = (0.75, 0.5, 0.25)  # fallback positions of certified_search, as fractions of the search's MACs saved
 
 
 def samples_needed(max_drop: float, confidence: float) -> int:
@@ -136,12 +136,12 @@ def certified_search(measure: Callable[[int], tuple[float, int]], penalty: Seque
 
     evals = max(1, max_evals - len(fallbacks))
     found = verified_search(search_rate, penalty, saved, target + 1e-12, prior, evals, tolerance, tick)
-    bound = list(itertools.accumulate((max(float(v), 0.0) for v in penalty), max))
+    gain = list(itertools.accumulate((max(float(v), 0.0) for v in saved), max))
     for fraction in fallbacks:
         if len(measured) - 1 >= max_evals:
             break
-        if bound[found] > 0:
-            position = max(p for p in range(found + 1) if bound[p] <= fraction * bound[found])
+        if gain[found] > 0:
+            position = max(p for p in range(found + 1) if gain[p] <= fraction * gain[found])
         else:
             position = math.floor(fraction * found)
         if position not in measured:
