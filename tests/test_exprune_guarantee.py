@@ -189,3 +189,19 @@ def test_float_metric_and_foreign_samples_are_refused_with_a_guarantee():
         calibrate(gm, batches, correct_on(x, y), max_drop=0.05, holdout=1.0, progress=False)
     calibrate(gm, batches, lambda m: correct_on(x, y)(m).mean().item(), max_drop=0.05, confidence=None,
               progress=False)  # a float metric is fine without a guarantee
+
+
+def test_fallbacks_sit_at_fractions_of_the_savings_even_when_the_penalty_jumps_late():
+    # the predicted penalty stays tiny until position 36 and jumps there, the savings grow linearly;
+    # the search's choice fails on the held-out samples: the fallbacks at 3/4, 1/2, 1/4 of its savings
+    # are real, more conservative positions, one of which certifies (fractions of the penalty would
+    # all land at 35, next to the choice, and certify nothing)
+    positions, n = 40, 2000
+    penalty = [1e-6 * p if p < 36 else 1.0 for p in range(positions + 1)]
+    saved = [float(p) for p in range(positions + 1)]
+
+    def measure(p):
+        return (0.0 if p < positions else 1.0), (0 if p <= 12 else 50)  # beyond 12 many held-out samples break
+
+    result = certified_search(measure, penalty, saved, n, 0.01, 0.9, None, 8, 0.0)
+    assert 0 < result.position <= 12

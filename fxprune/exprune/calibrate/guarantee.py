@@ -121,9 +121,12 @@ def certified_search(measure: Callable[[int], tuple[float, int]], penalty: Seque
     :func:`verified_search` (with ``max_evals`` less one call per fallback, at least one) looks for
     the furthest position p* whose search-sample rate is at most the largest rate the ``samples``
     held-out samples certify (:func:`certifiable_losses` / samples). Then, while calls are left, one
-    measurement per ``fallbacks`` fraction f at the furthest position before p* whose predicted
-    penalty is at most f times p*'s (penalty 0 at p*: position f * p*): more conservative positions
-    to fall back to when the held-out samples do not certify p*. All these choices depend on the
+    measurement per ``fallbacks`` fraction f at the furthest position before p* whose predicted MACs
+    saved are at most f times p*'s (nothing saved at p*: position f * p*): more conservative
+    positions to fall back to when the held-out samples do not certify p*. Fractions of the savings,
+    not of the penalty: where the predicted penalty stays flat until p*, a fraction of it lands next
+    to p* and fails with it (half of 20 calibration draws on the suite's resnet18 certified nothing
+    that way; BENCHMARKS.md). All these choices depend on the
     search samples only. Last, every measured position, in path order from position 0 (dense: no
     loss), is tested on the held-out losses while the test passes.
     """
