@@ -30,12 +30,14 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--regrowth", type=float, default=0.2, help="fraction of the steps given to regrowth")
     p.add_argument("--setting", nargs="+", default=["{}"], help="HyperfluxConfig fields as JSON, one run each")
+    p.add_argument("--seed", type=int, default=0, help="dense model seed (fine-tuning uses seed + 1, as the suite)")
+    p.add_argument("--densities", action="store_true", help="print the fraction kept of every gated tensor")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads or _common.default_threads()))
     sizes = FULL["image"]
     task = Task(args.model, load_splits("image", sizes.context), sizes)
-    dense = task.dense(0)
+    dense = task.dense(args.seed)
     print(f"dense: {100 * task.accuracy(dense, task.dev):.2f} % on the development split")
     total = args.epochs * task.steps_per_epoch()
     regrowth = max(1, int(args.regrowth * total))
@@ -54,13 +56,16 @@ def main(argv=None) -> int:
                 model.train()
 
         t0 = time.perf_counter()
-        task.fit(model, args.epochs, dense=False, seed=1, after_step=after_step)
+        task.fit(model, args.epochs, dense=False, seed=args.seed + 1, after_step=after_step)
         first = runtime.corrections[0] if runtime.corrections else {"closed": 0, "reopened": 0}
         gates = sum(g.score.numel() for g in runtime.gates)
         print(f"{args.granularity} {args.target:g} {args.epochs} ep, regrowth {args.regrowth:g}, {setting}: "
               f"end of pruning {100 * at_end['accuracy']:.2f} %, final {100 * task.accuracy(model, task.dev):.2f} %, "
               f"first correction {first['closed'] + first['reopened']} of {gates} gates, sparsity "
               f"{runtime.sparsity():.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.densities:
+            for key, kept in runtime.densities().items():
+                print(f"  {key:40s} {kept:.3f}")
     return 0
 
 
