@@ -28,7 +28,7 @@ def test_derived_gate_lr_and_interval_follow_the_formula(steps, high, low_share)
         config = HyperfluxConfig(0.9, pruning_steps=steps, gate_init=(low_share * high, high))
     assert config.gate_lr == pytest.approx(max(1e-3, 16 * high / steps))
     assert config.scheduler_interval == max(1, steps // 100)
-    assert set(config.derived) == {"gate_lr", "scheduler_interval"}
+    assert set(config.derived) == {"gate_lr", "scheduler_interval", "regrowth_lr_decay"}
     if 16 * high / steps > 1e-3:  # a gate can close within 1/16 of the phase (+1 step of rounding)
         assert config.steps_to_close <= math.ceil(steps / 16) + 1
 
@@ -39,10 +39,16 @@ def test_long_schedules_keep_the_paper_values_and_short_ones_match_the_benchmark
     assert HyperfluxConfig(0.9, pruning_steps=190).gate_lr == pytest.approx(0.04, rel=0.06)  # BENCHMARKS.md
 
 
+def test_regrowth_decay_follows_the_granularity():
+    weight, channel = (HyperfluxConfig(0.5, granularity=g, pruning_steps=100) for g in ("weight", "channel"))
+    assert (weight.regrowth_lr_decay, channel.regrowth_lr_decay) == (0.95, 0.5)
+    assert "regrowth_lr_decay" in weight.derived and "regrowth_lr_decay" in channel.derived
+
+
 def test_explicit_values_are_kept():
-    config = HyperfluxConfig(0.9, pruning_steps=150, gate_lr=0.04, scheduler_interval=12)
-    assert (config.gate_lr, config.scheduler_interval, config.derived) == (0.04, 12, ())
-    config = HyperfluxConfig(0.9, pruning_steps=150, gate_lr=0.03)
+    config = HyperfluxConfig(0.9, pruning_steps=150, gate_lr=0.04, scheduler_interval=12, regrowth_lr_decay=0.9)
+    assert (config.gate_lr, config.scheduler_interval, config.regrowth_lr_decay, config.derived) == (0.04, 12, 0.9, ())
+    config = HyperfluxConfig(0.9, pruning_steps=150, gate_lr=0.03, regrowth_lr_decay=0.95)
     assert (config.gate_lr, config.derived) == (0.03, ("scheduler_interval",))
     with pytest.raises(fxprune.ConfigError, match="gate_lr"):
         HyperfluxConfig(0.9, pruning_steps=150, gate_lr=0.0)

@@ -78,6 +78,9 @@ def parse(argv) -> argparse.Namespace:
                    help="channel section: fractions of MACs removed (default 0.5 0.7)")
     p.add_argument("--max-drops", nargs="+", type=float, default=None,
                    help="exprune section: calibration budgets (fractions; default 0.001 0.005 0.01)")
+    p.add_argument("--fxprune-only", action="store_true",
+                   help="run only fxprune's rows (the peers' rows do not depend on fxprune's code: their stored "
+                        "rows are kept)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the sections and plots from the rows stored under benchmarks/results")
     args = p.parse_args(argv)
@@ -122,7 +125,8 @@ class Suite:
                 for epochs in self.grid["weight_epochs"]:
                     rows.append(methods.hyperflux(task, dense, target, epochs, seed))
                     rows.append(methods.hyperflux(task, dense, target, epochs, seed, paper=True))
-                    rows.append(methods.magnitude(task, dense, target, epochs, seed))
+                    if not self.args.fxprune_only:
+                        rows.append(methods.magnitude(task, dense, target, epochs, seed))
                     log(_brief(model, rows[-3:]))
         dense = report.aggregate(dense_rows)[0]
         return report.weight_table(model, dense, report.aggregate(rows)), dense_rows + rows
@@ -137,7 +141,7 @@ class Suite:
             dense_rows.append(self.dense_row(task, dense, seed, latency=True))
             for target in self.grid["channel_targets"]:
                 rows.append(methods.hyperflux(task, dense, target, epochs, seed, channel=True))
-                for importance in ("magnitude", "Taylor"):
+                for importance in () if self.args.fxprune_only else ("magnitude", "Taylor"):
                     rows.append(methods.torch_pruning(task, dense, target, epochs, seed, importance))
                 log(_brief(model, rows[-3:]))
         dense = report.aggregate(dense_rows)[0]

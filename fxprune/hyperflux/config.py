@@ -8,7 +8,7 @@ the pruning phase and when the gates freeze) and ``score_init="magnitude"`` (sco
 weight magnitude). ``lookahead=False, exact_target=False, score_init="uniform"`` is the paper.
 
 Schedule-aware defaults: ``gate_lr`` and ``scheduler_interval`` left at None are derived from
-``pruning_steps`` (formulas in ``HyperfluxConfig``), so that a gate can close within the schedule
+``pruning_steps``, ``regrowth_lr_decay`` from the granularity (formulas in ``HyperfluxConfig``), so that a gate can close within the schedule
 the user gives; explicit values are kept as given. A schedule that is too short for its gates
 (see ``schedule_problems``) draws a ``ScheduleWarning`` when the config is built.
 """
@@ -29,6 +29,8 @@ PAPER_GATE_LR = 1e-3  # the paper's gate learning rate: the derived one never go
 CLOSINGS_PER_PHASE = 16  # derived gate_lr: a gate starting at gate_init's high end can close in 1/16 of the phase
 MAX_CLOSING_SHARE = 0.25  # warn when a gate needs more than this share of the pruning phase to close
 MIN_SCHEDULER_UPDATES = 4  # warn when the controller updates fewer times than this in the pruning phase
+WEIGHT_REGROWTH_DECAY = 0.95  # derived regrowth_lr_decay of weight gates (the paper's)
+CHANNEL_REGROWTH_DECAY = 0.5  # derived regrowth_lr_decay of channel gates: they settle early in regrowth
 
 
 @dataclass
@@ -65,7 +67,12 @@ class HyperfluxConfig:
             ones close first and a short schedule prunes at least like magnitude pruning, the flux
             reordering from there; "uniform": random, the paper's.
         regrowth_lr_decay: factor applied to the gate learning rate at each scheduler interval of
-            the regrowth phase (geometric decay).
+            the regrowth phase (geometric decay). None (derived from the granularity): 0.95 for
+            weight gates (the paper's slow decay: single weights swapped late cost little), 0.5 for
+            channel gates, whose gates then settle within a few intervals: a channel reopened or
+            closed late is an abrupt change of the function that the shrinking learning rate of
+            fine-tuning cannot repair (on one of three resnet18 seeds at 50 % of MACs, the slow decay
+            lost 5.4 points during regrowth; BENCHMARKS.md, study notes).
         gamma_step: controller gain: how much gamma moves per scheduler update.
         gamma_inertia_step: growth of the controller's inertia per consecutive update in the same
             direction (paper: gamma_step / 4).
@@ -119,7 +126,7 @@ class HyperfluxConfig:
     gate_lr: Optional[float] = None
     gate_init: tuple[float, float] = (0.2, 0.5)
     score_init: str = "magnitude"
-    regrowth_lr_decay: float = 0.95
+    regrowth_lr_decay: Optional[float] = None
     gamma_step: float = 0.3
     gamma_inertia_step: float = 0.075
     pressure_exponent: float = 1.5
@@ -143,6 +150,9 @@ class HyperfluxConfig:
         if self.scheduler_interval is None:
             self.scheduler_interval = max(1, self.pruning_steps // SCHEDULER_UPDATES)
             derived.append("scheduler_interval")
+        if self.regrowth_lr_decay is None:
+            self.regrowth_lr_decay = CHANNEL_REGROWTH_DECAY if self.granularity == "channel" else WEIGHT_REGROWTH_DECAY
+            derived.append("regrowth_lr_decay")
         if self.gate_lr is None:
             self.gate_lr = max(PAPER_GATE_LR, CLOSINGS_PER_PHASE * self.gate_init[1] / self.pruning_steps)
             derived.append("gate_lr")
