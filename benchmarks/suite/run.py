@@ -165,7 +165,8 @@ class Suite:
         for model in ([] if self.args.report_only else self.args.models):
             _, rows = getattr(self, name)(model)
             if rows:
-                report.store(name, model, [dict(r, model=model) for r in rows], self.results_dir)
+                command = "python -m benchmarks.suite " + " ".join(self._argv())
+                report.store(name, model, [dict(r, model=model, command=command) for r in rows], self.results_dir)
         stored = report.load(name, self.results_dir)
         body, every = [], []
         for model in (m for m in models.ALL if m in stored):
@@ -183,9 +184,14 @@ class Suite:
         seeds = sorted({r["seed"] for r in every if "seed" in r})
         ran = "" if self.args.report_only else f" This invocation ran {' '.join(self.args.models)} in " \
             f"{time.perf_counter() - t0:.0f} s."
+        commands = sorted({r["command"] for r in every if r.get("command")})
+        unrecorded = sum(1 for r in every if not r.get("command"))
+        made_by = ("Rows measured by: " + "; ".join(f"`{c}`" for c in commands) +
+                   (f"; {unrecorded} earlier rows carry no command (see the git log of benchmarks/results)."
+                    if unrecorded else ".")) if commands else ""
         body = [self.describe(name), "", *body,
                 f"Rows: every model stored under benchmarks/results for this section (models missing from the "
-                f"tables have not been run yet).{ran}"]
+                f"tables have not been run yet).{ran} {made_by}".rstrip()]
         note = f"Seeds: {' '.join(map(str, seeds)) or '-'} (± = half the range over seeds). " + _common.load_note()
         return _common.section(HEADINGS[name], "python -m benchmarks.suite " + " ".join(self._argv()), body, note)
 
