@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..deploying.cost import median_ms
 from . import data as datasets
 from .demo_report import deploy_summary, per_layer_macs, plot_layers, plot_training, table
 
@@ -140,28 +141,19 @@ def accuracy(model: nn.Module, split: datasets.Split, batch: int = 256) -> float
     return float(correct(model, split, batch).sum()) / max(len(split), 1)
 
 
-@torch.no_grad()
-def latency(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def latency(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
     """Median wall time of one eager forward pass on ``x``, in seconds (eval mode, no grad)."""
-    return latencies({"model": model}, x, repeats, warmup)["model"]
+    return latencies({"model": model}, x, repeats)["model"]
 
 
-@torch.no_grad()
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 20) -> dict[str, float]:
     """Median wall time of one eager forward pass of each model on ``x``, in seconds (eval mode, no
-    grad). The models are called in turn within each repeat, so that a change of load on a shared
-    machine slows them alike instead of biasing whichever model ran during a busy spell."""
+    grad): deploy's own timer (:func:`fxprune.deploying.cost.median_ms`), which calls the models in
+    turn within each repeat, so that a change of load on a shared machine slows them alike."""
     for model in models.values():
         model.eval()
-        for _ in range(warmup):
-            model(x)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(max(repeats, 1)):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    ms = median_ms("demo", len(x), {name: (lambda m=model: m(x)) for name, model in models.items()}, repeats)
+    return {name: value / 1e3 for name, value in ms.items()}
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
