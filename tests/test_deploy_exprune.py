@@ -210,3 +210,16 @@ def test_a_compiled_deployed_model_runs_its_kernels_eagerly_with_the_same_output
     wrapped = fxprune.wrap(FFN().eval(), x, exprune=ExPruneConfig(k=4, threshold=0.0))
     deployed = run_deploy(wrapped, x, times({"dense": 10.0, "skip_rows+sparse_fc": 1.0}))
     torch.testing.assert_close(outputs(torch.compile(deployed), x), outputs(wrapped, x), rtol=1e-4, atol=1e-5)
+
+
+@examples(10)
+@given(inputs=st.sampled_from([1, 3]), out_features=st.integers(1, 30), keep=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_rows_linear_reads_exactly_the_kept_rows(inputs, out_features, keep, seed):
+    # one input row takes the sampled_addmm path, several the chunked gather: both equal W[rows] @ x
+    from fxprune.deploying.kernels import rows_linear
+    g = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(inputs, 17, generator=g), torch.randn(out_features, 17, generator=g)
+    rows = (torch.rand(out_features, generator=g) < keep).nonzero().squeeze(1)
+    torch.testing.assert_close(rows_linear(x, weight, rows), x @ weight[rows].t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows_linear(x[:, 2:], weight[:, 2:].contiguous(), rows), x[:, 2:] @ weight[rows, 2:].t())

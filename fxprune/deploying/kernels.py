@@ -15,6 +15,8 @@ eagerly between its compiled graphs (one graph break per kernel).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,6 +94,32 @@ class ENPKernel(nn.Module):
         return torch.relu(pre).masked_fill_(predicted.index_select(dim, kept), 0.0)
 
 
+def rows_linear(x: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
+    """``F.linear(x, weight[rows])`` for sorted ``rows``, reading only those rows of ``weight``.
+
+    One input row (a single token: a matrix-vector product, bound by reading the weight) goes
+    through ``torch.sparse.sampled_addmm`` with the kept rows as the CSR pattern: one dot product
+    per kept row, straight from ``weight``, no copy. Several input rows gather a cache-sized chunk
+    of weight rows per matmul instead (the copy is shared by the inputs; the sampled kernel
+    re-reads each row per input and loses from two inputs on, measured).
+    """
+    if x.shape[0] == 1 and weight.layout == torch.strided and x.device.type == "cpu":
+        return sampled_rows(x, weight, rows)
+    return gather_linear(x, weight, rows)
+
+
+def sampled_rows(x: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
+    """``F.linear(x, weight[rows])`` for one input row ``x`` (1 x n) via ``sampled_addmm``."""
+    keep = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=x.device)
+    keep[rows + 1] = 1
+    pattern = torch.sparse_csr_tensor(keep.cumsum_(0), rows.new_zeros(rows.numel()), x.new_zeros(rows.numel()),
+                                      (weight.shape[0], 1), check_invariants=False)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process by torch
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.sparse.sampled_addmm(pattern, weight, x.t(), beta=0.0)
+    return out.values().unsqueeze(0)
+
+
 def gather_linear(x: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
     """``F.linear(x, weight[rows])`` gathering a cache-sized chunk of rows per matmul."""
     chunk = max(1, GATHER_CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
@@ -146,7 +174,7 @@ class ENPLinearKernel(ENPKernel):
         predicted = self.predicted(s_k, q_k, residual)
         if self.skip_rows:
             kept = (~predicted).any(0).nonzero().squeeze(1)
-            pre = s_k.index_select(1, kept) + gather_linear(x[:, self.k:], self.w_rest, kept)
+            pre = s_k.index_select(1, kept) + rows_linear(x[:, self.k:], self.w_rest, kept)
         else:
             kept, pre = self.all_rows, s_k + F.linear(x[:, self.k:], self.w_rest)
         h = self.activation(pre, kept, residual, predicted, 1)
