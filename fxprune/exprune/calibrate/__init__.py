@@ -2,9 +2,11 @@
 
 :func:`calibrate` chooses, for a model wrapped with ExPrune ops, one knob per site (T for rule
 "threshold", one T per output channel for conv/linear sites by default; alpha for rule "ztest")
-such that the fraction of new samples made worse is at most ``max_drop`` with probability
-``confidence`` (default 0.9; :mod:`.guarantee`), or, with ``confidence=None``, the metric stays
-within ``max_drop`` of the dense model's on the calibration data:
+such that the expected drop on new samples (fraction made worse minus fraction made better: for
+0/1 correctness, the accuracy drop) is at most ``max_drop`` with probability ``confidence``
+(default 0.9; :mod:`.guarantee`; ``certify="worse"``: the fraction made worse), or, with
+``confidence=None``, the metric stays within ``max_drop`` of the dense model's on the calibration
+data:
 
 1. Reference: ``metric_fn(model)`` with nothing pruned, after the probe, so that a batch the model
    cannot read fails before any metric call (batches are read by :mod:`.batches`).
@@ -16,7 +18,7 @@ within ``max_drop`` of the dense model's on the calibration data:
 4. Verified search (:mod:`.search`): the furthest allocation along the path measured with
    ``metric_fn`` to keep the drop within ``max_drop`` (per-sample scores: only losses count); with a
    confidence, on the search batches' samples, then certified on the held-out batches' samples by
-   an exact binomial test along the measured positions (:mod:`.guarantee`).
+   an exact test along the measured positions (:mod:`.guarantee`, :mod:`.paired`).
 
 The method, its reasons and the measurements behind its choices: docs/CALIBRATION.md.
 
@@ -41,7 +43,7 @@ from ...compat import compiled_original
 from ...errors import ConfigError
 from ..ops import ExPruneOp
 from .batches import batch_reader
-from .guarantee import (CalibrationResult, certified_search, check_certifiable, held_out, loss_upper_bound,
+from .guarantee import (CERTIFICATES, CalibrationResult, Counts, certified_search, check_certifiable, held_out,
                         samples_needed)
 from .harm import ChannelHarm
 from .penalty import FlipPenalty, QuadraticPenalty
@@ -54,18 +56,19 @@ OBJECTIVES = ("auto", "top1", "fisher")
 
 
 def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Module], float | Tensor],
-              max_drop: float = 0.001, *, confidence: float | None = 0.9, holdout: float = 0.5,
+              max_drop: float = 0.001, *, confidence: float | None = 0.9, certify: str = "drop", holdout: float = 0.5,
               batch_inputs: Callable[[Any], Any] | None = None, progress: bool = True,
               objective: str = "auto", bins: int = 64,
               smoothing: float = 0.05, max_evals: int = 8, tolerance: float = 0.01, seed: int = 0,
               sample_limit: int = 200_000, per_channel: bool = True) -> CalibrationResult:
     """Choose per-site cutoffs that save the most effective MACs within a budget of ``max_drop``.
 
-    With ``confidence`` (the default, 0.9): the fraction of new samples from the calibration data's
-    distribution that the thresholds make worse (pruned score < dense score) is at most ``max_drop``
-    with probability >= ``confidence`` over the draw of the calibration data. A ``holdout`` fraction
-    of the batches certifies (exact binomial test along the path, :mod:`.guarantee`); the others build
-    and search the path. With ``confidence=None``: the metric stays within ``max_drop`` of the dense
+    With ``confidence`` (the default, 0.9): for new samples from the calibration data's distribution,
+    the expected drop, P(worse) - P(better) (worse: pruned score < dense score; for 0/1 correctness
+    the accuracy drop), is at most ``max_drop`` with probability >= ``confidence`` over the draw of
+    the calibration data (``certify="worse"``: P(worse) <= max_drop). A ``holdout`` fraction of the
+    batches certifies (exact tests along the path, :mod:`.guarantee`); the others build and search
+    the path. With ``confidence=None``: the metric stays within ``max_drop`` of the dense
     model's on the calibration data, and nothing is claimed for new data.
 
     Args:
@@ -86,13 +89,17 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
             samples the pruning happens to fix do not offset those it breaks. Or, only with
             ``confidence=None``, a float (e.g. accuracy as a fraction; the drop is dense - pruned):
             a net change says nothing certifiable about how many samples get worse.
-        max_drop: with ``confidence``: the loss rate, a fraction of samples in (0, 1) (0.01: one
-            sample in a hundred made worse); without: the allowed metric drop, in the metric's units.
+        max_drop: with ``confidence``: a fraction in (0, 1): the drop (0.01: one point of accuracy) or,
+            with ``certify="worse"``, the loss rate (0.01: one sample in a hundred made worse);
+            without: the allowed metric drop, in the metric's units.
         confidence: probability that the certified loss rate holds on new data; None: budget on the
             calibration data only. Raises :class:`ConfigError`, right after the probe pass and before
             any ``metric_fn`` call, when the held-out samples cannot certify ``max_drop`` even with no
             sample worse (the message gives the samples needed and the tightest certifiable budget;
             :func:`samples_needed` computes it beforehand).
+        certify: with ``confidence``: "drop" (default; samples made better offset samples made worse,
+            as in the accuracy) or "worse" (every sample made worse counts: stricter, and it spends
+            much less of an accuracy budget: docs/CALIBRATION.md).
         holdout: with ``confidence``: fraction of the batches (spread evenly, never the first) kept
             out of the probe and the search to certify the result.
         batch_inputs: ``batch_inputs(batch) -> inputs``, a tensor (the only input) or a tuple of
@@ -122,6 +129,8 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     """
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
         raise ConfigError(f"calibrate: max_drop must be a float >= 0 (metric units), got {max_drop!r}")
+    if certify not in CERTIFICATES:
+        raise ConfigError(f"calibrate: certify must be one of {tuple(CERTIFICATES)}, got {certify!r}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"calibrate: objective must be one of {OBJECTIVES}, got {objective!r}")
     if confidence is not None:
@@ -129,7 +138,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
             raise ConfigError(f"calibrate: confidence must be a float in (0, 1) or None, got {confidence!r}")
         if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
             raise ConfigError(f"calibrate: holdout must be a fraction in (0, 1), got {holdout!r}")
-        samples_needed(max_drop, confidence)  # checks both levels
+        samples_needed(max_drop, confidence, certify)  # checks both levels and certify
     ops = find_ops(model)
     inner = compiled_original(model)
     read = batch_reader(inner, batch_inputs)
@@ -143,7 +152,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
                               dtype=torch.bool)  # per sample of the batches, in order: held out to certify
     if confidence is not None:
         check_certifiable(int(certifying.sum()), max_drop, confidence, holdout,
-                          f"{sum(probed.held_out)} of {len(probed.held_out)} batches")
+                          f"{sum(probed.held_out)} of {len(probed.held_out)} batches", certify)
     dense = metric_value(metric_fn(model), None)
     if confidence is not None:
         _check_scores(dense, certifying.numel())
@@ -161,7 +170,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
 
     prior = 1 / (2 * margins.numel()) if margins is not None else None
     saved = path_savings(path, tables)
-    found: dict[str, Any] = {"confidence": confidence, "max_drop": max_drop,
+    found: dict[str, Any] = {"confidence": confidence, "max_drop": max_drop, "certify": certify if confidence is not None else None,
                              "search_samples": int((~certifying).sum())}
     with tqdm(total=max_evals, desc="exprune verify", disable=not progress) as bar:
         if confidence is None:
@@ -177,16 +186,20 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
             found.update(certified_bound=None, point_estimate=drops[lo], evaluations=len(drops) - 1,
                          samples=dense.numel() if isinstance(dense, Tensor) else None)
         else:
-            def measure(position: int) -> tuple[float, int]:
-                worse = evaluate(position) < dense
-                return float(worse[~certifying].double().mean()), int(worse[certifying].sum())
+            def measure(position: int) -> Counts:
+                pruned = evaluate(position)
+                worse, better = pruned < dense, pruned > dense
+                return Counts(int(worse[~certifying].sum()), int(better[~certifying].sum()), int((~certifying).sum()),
+                              int(worse[certifying].sum()), int(better[certifying].sum()), int(certifying.sum()))
 
             n = int(certifying.sum())
-            result = certified_search(measure, [0.0, *predicted], saved, n, max_drop, confidence, prior, max_evals,
+            certificate = CERTIFICATES[certify](max_drop, confidence, n)
+            result = certified_search(measure, [0.0, *predicted], saved, certificate, prior, max_evals,
                                       tolerance, bar.update)
             lo = result.position
-            found.update(certified_bound=loss_upper_bound(result.losses, n, confidence),
-                         point_estimate=result.losses / n, samples=n, evaluations=result.evaluations)
+            counts = result.counts or Counts(0, 0, int((~certifying).sum()), 0, 0, n)
+            found.update(certified_bound=certificate.bound(counts), point_estimate=certificate.point(counts),
+                         samples=n, evaluations=result.evaluations)
     chosen = allocation_at(path, lo, tables)
     _apply(ops, chosen, harms)
     for op in ops.values():
