@@ -7,6 +7,10 @@ regrowth, the first density correction and the sparsity reached. The test split 
 
     .venv/bin/python -m benchmarks.hyperflux_dev_study --target 0.9 --epochs 1 --setting '{}' '{"score_init": "uniform"}'
     .venv/bin/python -m benchmarks.hyperflux_dev_study --granularity channel --target 0.7 --epochs 3 --regrowth 0.5
+    .venv/bin/python -m benchmarks.hyperflux_dev_study --granularity channel --target 0.7 --epochs 3 --peer Taylor magnitude
+
+``--peer`` runs Torch-Pruning (the suite's MetaPruner setup: one-shot at the uniform ratio that
+removes the target fraction of MACs, then the same fine-tuning) on the same development split.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 import fxprune
 from benchmarks import _common
+from benchmarks.suite import methods
 from benchmarks.suite.run import FULL
 from benchmarks.suite.tasks import Task, load_splits
 
@@ -32,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--setting", nargs="+", default=["{}"], help="HyperfluxConfig fields as JSON, one run each")
     p.add_argument("--seed", type=int, default=0, help="dense model seed (fine-tuning uses seed + 1, as the suite)")
     p.add_argument("--densities", action="store_true", help="print the fraction kept of every gated tensor")
+    p.add_argument("--peer", nargs="*", default=[], choices=["magnitude", "Taylor"],
+                   help="channel only: also run Torch-Pruning with this importance on the same split and budget")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads or _common.default_threads()))
@@ -66,6 +73,13 @@ def main(argv=None) -> int:
         if args.densities:
             for key, kept in runtime.densities().items():
                 print(f"  {key:40s} {kept:.3f}")
+    for importance in args.peer:
+        if args.granularity != "channel":
+            p.error("--peer compares channel pruning: pass --granularity channel")
+        t0 = time.perf_counter()
+        peer, _ = methods.torch_pruned(task, dense, args.target, args.epochs, args.seed, importance)
+        print(f"channel {args.target:g} {args.epochs} ep, Torch-Pruning {importance} (one-shot, then fine-tuning): "
+              f"final {100 * task.accuracy(peer, task.dev):.2f} %, {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
 

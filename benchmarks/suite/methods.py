@@ -129,6 +129,15 @@ def magnitude(task: Task, dense: nn.Module, target: float, epochs: int, seed: in
 # -- Torch-Pruning ----------------------------------------------------------------------------------
 
 def torch_pruning(task: Task, dense: nn.Module, macs_removed: float, epochs: int, seed: int, importance: str) -> dict:
+    model, seconds = torch_pruned(task, dense, macs_removed, epochs, seed, importance)
+    return measure(task, model, f"Torch-Pruning {importance}", latency=True, target=macs_removed, epochs=epochs,
+                   seconds=seconds, seed=seed)
+
+
+def torch_pruned(task: Task, dense: nn.Module, macs_removed: float, epochs: int, seed: int,
+                 importance: str) -> tuple[nn.Module, float]:
+    """(model, fine-tuning seconds): Torch-Pruning's MetaPruner at the uniform per-layer channel ratio
+    that removes ``macs_removed`` of the MACs (bisection), then the suite's fine-tuning."""
     import torch_pruning as tp
 
     example = task.example_inputs()
@@ -158,9 +167,7 @@ def torch_pruning(task: Task, dense: nn.Module, macs_removed: float, epochs: int
         if abs(removed - macs_removed) < 0.01:
             break
         lo, hi = (mid, hi) if removed < macs_removed else (lo, mid)
-    seconds = task.fit(best, epochs, dense=False, seed=seed + 1)
-    return measure(task, best, f"Torch-Pruning {importance}", latency=True, target=macs_removed, epochs=epochs,
-                   seconds=seconds, seed=seed)
+    return best, task.fit(best, epochs, dense=False, seed=seed + 1)
 
 
 # -- ExPrune ------------------------------------------------------------------------------------------
@@ -172,8 +179,8 @@ def exprune(task: Task, dense: nn.Module, max_drop: float, seed: int) -> dict:
     """ExPrune (default config) calibrated on the development split with per-sample correctness;
     the held-out drop, the test samples made worse and the MACs saved are measured on the test split.
 
-    With calibrate's default guarantee (confidence 0.9: at most ``max_drop`` of new samples made worse)
-    where the development split can certify ``max_drop``; else, and for text (the characters of a
+    With calibrate's default guarantee (confidence 0.9, certify="drop": an expected accuracy drop of
+    at most ``max_drop`` on new samples) where the development split can certify ``max_drop``; else, and for text (the characters of a
     window are not independent samples), ``confidence=None``: the budget holds on the development
     split only. The row's ``guarantee`` says which."""
     model = fxprune.wrap(task.copy_of(dense).eval(), task.example_inputs(), exprune=fxprune.ExPruneConfig(),
@@ -194,7 +201,7 @@ def exprune(task: Task, dense: nn.Module, max_drop: float, seed: int) -> dict:
         result = fxprune.calibrate(model, cal, lambda m: task.correct(m, task.dev), max_drop, progress=False,
                                    seed=seed, confidence=confidence)
         guarantee = ("none (text: characters are not independent samples)" if confidence is None else
-                     f"<= {100 * max_drop:g} % worse at {CONFIDENCE:.0%} (bound {100 * result.certified_bound:.2f} %, "
+                     f"drop <= {100 * max_drop:g} pt at {CONFIDENCE:.0%} (bound {100 * result.certified_bound:.2f} pt, "
                      f"{result.samples} held out)")
     except ConfigError as refusal:
         if "cannot certify" not in str(refusal):

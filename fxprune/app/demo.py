@@ -61,7 +61,7 @@ class Settings:
     scheduler_interval: int = 6  # steps between pressure updates: close to the gates' reaction time
     target_sparsity: float = 0.9
     k: int = 16  # ExPrune: leading input channels summed before predicting
-    max_drop: float = 0.01  # ExPrune: fraction of images allowed to get worse (0.01 = 1 in 100)
+    max_drop: float = 0.01  # ExPrune: expected accuracy drop allowed on new images (0.01 = 1 point)
     confidence: float | None = 0.9  # ExPrune: guarantee on new images (None, or too few or augmented
     # calibration images: the budget holds on the calibration images only)
     calib_samples: int = 0  # 0: the whole calibration split
@@ -301,7 +301,8 @@ def run(settings: Settings, out: Path, progress: bool = True) -> dict:
         "settings": asdict(s), "dataset": data.describe(), "machine": machine(), "rows": rows, "timings": timings,
         "hyperflux": {"sparsity": hyper.fxprune.sparsity(), "history": runtime.history, "curve": curve},
         "exprune": {"thresholds": dict(thresholds), "skipped": exp.fxprune.exprune.skipped,
-                    "calibration": {"confidence": thresholds.confidence, "max_drop": thresholds.max_drop,
+                    "calibration": {"confidence": thresholds.confidence, "certify": thresholds.certify,
+                                    "max_drop": thresholds.max_drop,
                                     "certified_bound": thresholds.certified_bound,
                                     "point_estimate": thresholds.point_estimate, "samples": thresholds.samples,
                                     "summary": thresholds.summary()}},
@@ -326,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and epochs (< 60 s, for smoke tests)")
     parser.add_argument("--dataset", choices=("digits", "synthetic"), default="digits")
     parser.add_argument("--target-sparsity", type=float, help="Hyperflux target, fraction (default 0.9)")
-    parser.add_argument("--max-drop", type=float, help="ExPrune calibration budget: fraction of images allowed to "
-                        "get worse (default 0.01)")
+    parser.add_argument("--max-drop", type=float, help="ExPrune calibration budget: expected accuracy drop on new "
+                        "images, a fraction (default 0.01, one point)")
     parser.add_argument("--confidence", type=float, help="ExPrune: confidence of the guarantee on new images "
                         "(default 0.9; 0: none, the budget holds on the calibration images only)")
     parser.add_argument("--threads", type=int, default=None,
