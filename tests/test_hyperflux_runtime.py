@@ -278,3 +278,24 @@ def test_grad_scale_unscales_and_skips_non_finite_updates():
     rt.step(grad_scale=256.0)
     assert all(torch.equal(b, g.score) for b, g in zip(before, rt.gates)) and rt.steps == 2
 
+
+
+def test_channel_floor_keeps_a_fraction_of_every_space_open_under_any_pressure():
+    x, y = teacher_data()
+    gm, rt = gated(mlp((16, 64, 32, 4)), x[:8], granularity="channel", pruning_steps=1000,
+                   scheduler_interval=1000, gate_lr=0.05, min_channel_fraction=0.25)
+    rt.scheduler.gamma = 50.0  # far more pressure than any flux: without the floor every channel closes
+    train(gm, rt.step, batches(x, y, 40))
+    open_counts = [int((rt.gates[p.gate_index].score >= 0).sum()) for p in rt.channel_plans]
+    assert open_counts == [16, 8]  # ceil(0.25 * 64), ceil(0.25 * 32)
+    gm, rt = gated(mlp((16, 64, 32, 4)), x[:8], granularity="channel", pruning_steps=1000,
+                   scheduler_interval=1000, gate_lr=0.05)
+    rt.scheduler.gamma = 50.0
+    train(gm, rt.step, batches(x, y, 40))
+    assert all(int((rt.gates[p.gate_index].score >= 0).sum()) < 8 for p in rt.channel_plans)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), True])
+def test_channel_floor_out_of_range_is_a_config_error(bad):
+    with pytest.raises(fxprune.ConfigError, match="min_channel_fraction"):
+        HyperfluxConfig(0.5, "channel", pruning_steps=10, min_channel_fraction=bad)

@@ -107,6 +107,10 @@ class HyperfluxConfig:
             the lowest-score open ones, so that exported layers have kernel-friendly widths (8 or
             16 on most CPUs and GPUs). The density then ends near, not exactly on, the target.
             1 (default): no rounding.
+        min_channel_fraction: channel granularity: every gated space keeps at least this fraction
+            of its channels open (at least one), the highest-score closed ones reopened after each
+            gate update and correction, so that the global allocation cannot starve a narrow layer.
+            0.0: no floor.
         filter: ``filter(GateTarget) -> bool`` chooses the conv/linear weights to gate. None: every
             conv/linear weight (stem and classifier included) for CNNs; for ViT-like models (an
             ``attn.qkv`` linear exists) only the attention qkv/proj and MLP fc1/fc2 linears. With
@@ -135,6 +139,7 @@ class HyperfluxConfig:
     exact_target: bool = True
     lookahead: bool = True
     round_to: int = 1
+    min_channel_fraction: float = 0.0
     filter: Optional[Callable] = None
     seed: int = 0
     derived: tuple = field(default=(), init=False, compare=False)
@@ -170,6 +175,9 @@ class HyperfluxConfig:
         _choice("weight_by", self.weight_by, WEIGHTINGS)
         _choice("score_init", self.score_init, SCORE_INITS)
         _integer("round_to", self.round_to, 1, "channels")
+        if not (_is_number(self.min_channel_fraction) and 0 <= self.min_channel_fraction < 1):
+            raise ConfigError(f"HyperfluxConfig.min_channel_fraction must be a fraction in [0, 1), got "
+                              f"{self.min_channel_fraction!r}")
         for name in ("exact_target", "lookahead"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"HyperfluxConfig.{name} must be True or False, got {getattr(self, name)!r}")

@@ -11,6 +11,8 @@ authors' code behaves the same).
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass
 
@@ -100,6 +102,7 @@ class HyperfluxRuntime(nn.Module):
             return
         if self._complete_gradients(grad_scale):
             self._adam(sched.gate_lr())
+            self.keep_channel_floor()
         for g in self.gates:
             g.score.grad = None
         sched.advance()
@@ -117,8 +120,10 @@ class HyperfluxRuntime(nn.Module):
                 for g in self.gates:
                     g.exp_avg.zero_()
             self._warn_if_large(self.correct_density())
+            self.keep_channel_floor()
         if sched.steps == c.pruning_steps + c.regrowth_steps and c.round_to > 1 and self.channel_plans:
             self.round_channel_counts(c.round_to)
+            self.keep_channel_floor()
         if sched.phase() == "frozen":
             self._set_trainable(False)
 
@@ -149,6 +154,28 @@ class HyperfluxRuntime(nn.Module):
                 score[chosen] = -margin
             changed[plan.space_id] = (count, goal)
         return changed
+
+    @torch.no_grad()
+    def keep_channel_floor(self) -> int:
+        """Keep at least ``config.min_channel_fraction`` of every gated space's channels open (at
+        least one): where fewer are open, the closed channels with the highest scores reopen (score
+        set to ``gate_lr * scheduler_interval``). Returns the channels reopened."""
+        fraction = self.config.min_channel_fraction
+        if not fraction or not self.channel_plans:
+            return 0
+        margin = self.config.gate_lr * self.config.scheduler_interval
+        reopened = 0
+        for plan in self.channel_plans:
+            score = self.gates[plan.gate_index].score
+            floor = max(1, math.ceil(fraction * plan.size))
+            count = int((score >= 0).sum())
+            if count >= floor:
+                continue
+            closed = (score < 0).nonzero().flatten()
+            chosen = closed[score[closed].argsort(descending=True, stable=True)[:floor - count]]
+            score[chosen] = margin
+            reopened += len(chosen)
+        return reopened
 
     def _correction_due(self) -> bool:
         """With ``exact_target``: at the end of the pruning phase, at every scheduler interval of
