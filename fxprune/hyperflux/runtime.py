@@ -11,8 +11,6 @@ authors' code behaves the same).
 """
 from __future__ import annotations
 
-import math
-
 import warnings
 from dataclasses import dataclass
 
@@ -22,6 +20,7 @@ from torch import nn
 
 from ..analysis import Member
 from ..errors import ScheduleWarning
+from . import channel_counts
 from .config import HyperfluxConfig
 from .gate import GateScores
 from .scheduler import PressureScheduler
@@ -127,55 +126,18 @@ class HyperfluxRuntime(nn.Module):
         if sched.phase() == "frozen":
             self._set_trainable(False)
 
-    @torch.no_grad()
     def round_channel_counts(self, multiple: int) -> dict[int, tuple[int, int]]:
-        """Round the open channels of every gated space to the nearest multiple of ``multiple`` (at
-        least ``multiple``; spaces smaller than it are left alone): reopen the closed channels with
-        the highest scores or close the open ones with the lowest, as the density correction does.
-        ``step()`` calls it when the gates freeze if ``config.round_to > 1``. Returns
-        ``{space id: (open before, open after)}`` for the spaces that changed."""
-        margin = self.config.gate_lr * self.config.scheduler_interval
-        changed = {}
-        for plan in self.channel_plans:
-            score = self.gates[plan.gate_index].score
-            if plan.size < multiple:
-                continue
-            count = int((score >= 0).sum())
-            goal = min(plan.size, max(multiple, multiple * round(count / multiple)))
-            if goal == count:
-                continue
-            if goal > count:
-                closed = (score < 0).nonzero().flatten()
-                chosen = closed[score[closed].argsort(descending=True, stable=True)[:goal - count]]
-                score[chosen] = margin
-            else:
-                opened = (score >= 0).nonzero().flatten()
-                chosen = opened[score[opened].argsort(stable=True)[:count - goal]]
-                score[chosen] = -margin
-            changed[plan.space_id] = (count, goal)
-        return changed
+        """:func:`fxprune.hyperflux.channel_counts.round_channel_counts` on this runtime."""
+        return channel_counts.round_channel_counts(self.gates, self.channel_plans, multiple, self._margin())
 
-    @torch.no_grad()
     def keep_channel_floor(self) -> int:
-        """Keep at least ``config.min_channel_fraction`` of every gated space's channels open (at
-        least one): where fewer are open, the closed channels with the highest scores reopen (score
-        set to ``gate_lr * scheduler_interval``). Returns the channels reopened."""
-        fraction = self.config.min_channel_fraction
-        if not fraction or not self.channel_plans:
-            return 0
-        margin = self.config.gate_lr * self.config.scheduler_interval
-        reopened = 0
-        for plan in self.channel_plans:
-            score = self.gates[plan.gate_index].score
-            floor = max(1, math.ceil(fraction * plan.size))
-            count = int((score >= 0).sum())
-            if count >= floor:
-                continue
-            closed = (score < 0).nonzero().flatten()
-            chosen = closed[score[closed].argsort(descending=True, stable=True)[:floor - count]]
-            score[chosen] = margin
-            reopened += len(chosen)
-        return reopened
+        """:func:`fxprune.hyperflux.channel_counts.keep_channel_floor` with ``config.min_channel_fraction``."""
+        return channel_counts.keep_channel_floor(self.gates, self.channel_plans, self.config.min_channel_fraction,
+                                                 self._margin())
+
+    def _margin(self) -> float:
+        """How far past 0 a score moved by a correction lands: ``gate_lr * scheduler_interval``."""
+        return self.config.gate_lr * self.config.scheduler_interval
 
     def _correction_due(self) -> bool:
         """With ``exact_target``: at the end of the pruning phase, at every scheduler interval of
