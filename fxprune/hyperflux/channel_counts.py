@@ -28,11 +28,9 @@ def round_channel_counts(gates: list, plans: list, multiple: int, margin: float)
         if goal == count:
             continue
         if goal > count:
-            closed = (score < 0).nonzero().flatten()
-            score[closed[score[closed].argsort(descending=True, stable=True)[:goal - count]]] = margin
+            reopen_highest(score, goal - count, margin)
         else:
-            opened = (score >= 0).nonzero().flatten()
-            score[opened[score[opened].argsort(stable=True)[:count - goal]]] = -margin
+            close_lowest(score, count - goal, margin)
         changed[plan.space_id] = (count, goal)
     return changed
 
@@ -50,8 +48,22 @@ def keep_channel_floor(gates: list, plans: list, fraction: float, margin: float)
         count = int((score >= 0).sum())
         if count >= floor:
             continue
-        closed = (score < 0).nonzero().flatten()
-        chosen = closed[score[closed].argsort(descending=True, stable=True)[:floor - count]]
-        score[chosen] = margin
-        reopened += len(chosen)
+        reopened += reopen_highest(score, floor - count, margin)
     return reopened
+
+
+def reopen_highest(score: torch.Tensor, count: int, margin: float) -> int:
+    """Reopen the ``count`` closed gates (score < 0) with the highest scores (score set to
+    ``margin``); returns how many reopened (fewer when fewer are closed)."""
+    closed = (score < 0).nonzero().flatten()
+    chosen = closed[score[closed].argsort(descending=True, stable=True)[:count]]
+    score[chosen] = margin
+    return len(chosen)
+
+
+def close_lowest(score: torch.Tensor, count: int, margin: float) -> int:
+    """Close the ``count`` open gates (score >= 0) with the lowest scores (score set to ``-margin``)."""
+    opened = (score >= 0).nonzero().flatten()
+    chosen = opened[score[opened].argsort(stable=True)[:count]]
+    score[chosen] = -margin
+    return len(chosen)

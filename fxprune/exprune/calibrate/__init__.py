@@ -43,8 +43,8 @@ from ...compat import compiled_original
 from ...errors import ConfigError
 from ..ops import ExPruneOp
 from .batches import batch_reader
-from .guarantee import (CERTIFICATES, CalibrationResult, Counts, certified_search, check_certifiable, held_out,
-                        samples_needed)
+from .guarantee import (CERTIFICATES, CalibrationResult, Counts, certified_search, check_certifiable, check_certify,
+                        held_out, samples_needed)
 from .harm import ChannelHarm
 from .penalty import FlipPenalty, QuadraticPenalty
 from .search import allocation_at, greedy_path, metric_drop, metric_value, path_savings, verified_search
@@ -129,8 +129,7 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     """
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
         raise ConfigError(f"calibrate: max_drop must be a float >= 0 (metric units), got {max_drop!r}")
-    if certify not in CERTIFICATES:
-        raise ConfigError(f"calibrate: certify must be one of {tuple(CERTIFICATES)}, got {certify!r}")
+    check_certify(certify)
     if objective not in OBJECTIVES:
         raise ConfigError(f"calibrate: objective must be one of {OBJECTIVES}, got {objective!r}")
     if confidence is not None:

@@ -20,7 +20,8 @@ for the number of positions) and the whole held-out set certifies the result. Re
 path cannot be built on the certifying samples: docs/CALIBRATION.md, section 7.
 
 Public: :func:`samples_needed`, :func:`tightest_budget`, :func:`certifiable_losses`,
-:func:`binomial_p_value`, :func:`loss_upper_bound`, :func:`check_certifiable`, :func:`held_out`,
+:func:`binomial_p_value`, :func:`loss_upper_bound`, :func:`check_certifiable`, :func:`check_certify`,
+:func:`held_out`,
 :func:`certified_search`, :class:`Counts`, :class:`Certificate`, :class:`PairedDrop`,
 :class:`WorseRate`, ``CERTIFICATES``, :class:`Certified`, :class:`CalibrationResult`.
 """
@@ -45,7 +46,7 @@ def samples_needed(max_drop: float, confidence: float, certify: str = "drop") ->
     binomial); ``"drop"`` (the default): the paired test's (:func:`.paired.drop_samples_needed`), a few
     more (with nothing changed it is the binomial test, less the share spent on bounding p_b)."""
     _check_level(max_drop, confidence)
-    _check_certify(certify)
+    check_certify(certify)
     if certify == "drop":
         return drop_samples_needed(max_drop, confidence)
     n = max(1, math.ceil(math.log1p(-confidence) / math.log1p(-max_drop)))
@@ -59,7 +60,7 @@ def samples_needed(max_drop: float, confidence: float, certify: str = "drop") ->
 def tightest_budget(samples: int, confidence: float, certify: str = "drop") -> float:
     """The smallest budget (fraction) ``samples`` held-out samples certify at ``confidence`` when none
     of them changes; ``certify="worse"``: 1 - (1 - confidence)^(1 / samples)."""
-    _check_certify(certify)
+    check_certify(certify)
     if samples <= 0:
         return 1.0
     if certify == "drop":
@@ -120,7 +121,8 @@ _WHAT = {"drop": "drop (fraction of samples made worse minus made better)", "wor
          "samples made worse)"}
 
 
-def _check_certify(certify: str) -> None:
+def check_certify(certify: str) -> None:
+    """Raise :class:`ConfigError` unless ``certify`` names a certificate (``CERTIFICATES``)."""
     if certify not in CERTIFICATES:
         raise ConfigError(f"calibrate: certify must be one of {tuple(CERTIFICATES)}, got {certify!r}")
 
@@ -215,7 +217,7 @@ class PairedDrop(Certificate):
         return (c.held_worse - c.held_better) / c.held
 
 
-CERTIFICATES = {"drop": PairedDrop, "worse": WorseRate}
+CERTIFICATES = {c.name: c for c in (PairedDrop, WorseRate)}
 
 
 class Certified(NamedTuple):

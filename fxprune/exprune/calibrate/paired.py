@@ -6,20 +6,21 @@ correctness: the expected accuracy drop on new data). Pruning near the decision 
 samples both ways, so p_b is often most of p_w: a test of p_w alone (``certify="worse"``) leaves most
 of an accuracy budget unused.
 
-The test of H0: p_w - p_b >= max_drop is the exact unconditional test on D = worse - better with the
-nuisance p_b handled by Berger & Boos (1994): with a (1 - gamma) upper confidence bound U on p_b
-(Clopper-Pearson, from the better count),
+The test of H0: p_w - p_b >= max_drop is an exact unconditional test on the paired counts (x worse,
+y better of n) with Tango's score statistic Z (x - y - n max_drop over its standard deviation at the
+restricted maximum-likelihood p_b, :func:`score_statistic`); the nuisance p_b is handled by Berger &
+Boos (1994): with a (1 - gamma) upper confidence bound U on p_b (Clopper-Pearson, from y),
 
-    p-value = max over p_b in [0, U] of P(D <= d_observed | p_w = p_b + max_drop, p_b) + gamma.
+    p-value = max over p_b in [0, U] of P(Z <= z_observed | p_w = p_b + max_drop, p_b) + gamma.
 
-Under H0 the probability is largest on the boundary p_w = p_b + max_drop (a larger p_w only makes D
-larger), so the p-value is valid for every p_b. The maximum is taken over an even grid of p_b in
-[0, U] (``NUISANCE_GRID`` points; the probability grows with p_b below the mean, so it is usually
-U). gamma = ``NUISANCE_SHARE`` * (1 - confidence). P(D <= d) is exact: Y ~ Binomial(n, p_b), and
-given Y = y, X ~ Binomial(n - y, p_w / (1 - p_b)).
+The tail is summed exactly over the trinomial's counts (:func:`score_tail`; counts beyond a 1e-12
+tail are left out and their mass added). The maximum is taken on an even grid of p_b in [0, U]
+(``NUISANCE_GRID`` intervals). gamma = ``NUISANCE_SHARE`` * (1 - confidence). Studentising matters:
+with D = x - y itself as the statistic the tail grows with p_b, and the test, taken at U, certified
+less than the loss-rate test (BENCHMARKS.md, study notes).
 
-Public: :func:`drop_p_value`, :func:`score_statistic`, :func:`score_tail`, :func:`drop_aim`, :func:`drop_upper_bound`, :func:`drop_samples_needed`,
-``NUISANCE_SHARE``.
+Public: :func:`drop_p_value`, :func:`score_statistic`, :func:`score_tail`, :func:`drop_upper_bound`,
+:func:`drop_aim`, :func:`drop_samples_needed`, ``NUISANCE_SHARE``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from scipy import special, stats
 
 NUISANCE_SHARE = 0.01  # gamma, as a fraction of 1 - confidence, spent on the bound of p_b
 NUISANCE_GRID = 24  # intervals of the grid of p_b in [0, U]
-TAIL = 1e-12  # values of Y beyond this tail are left out (their mass is added to the p-value)
+TAIL = 1e-12  # counts beyond this tail are left out (their mass is added to the p-value)
 
 
 def drop_p_value(worse: int, better: int, samples: int, max_drop: float, gamma: float) -> float:
