@@ -223,13 +223,16 @@ class ENPBase(ExPruneOp):
         full = torch.relu(pre)
 
         stat = self._statistic(s_k, q_k, bias, running_mean, running_var, bn_weight, bn_bias, residual)
-        channels = full.shape[self.channel_dim(full)]
-        predicted = self._predicted(stat, channels)
-        out = full.masked_fill(predicted, 0.0)
+        channel_dim = self.channel_dim(full)
+        channels = full.shape[channel_dim]
+        keep = ~self._predicted(stat, channels)
+        out = torch.where(keep, full, 0.0)
 
         overhead = (1 if self.rule == "threshold" else self.k + 3) + (residual is not None)
-        kept = (~predicted).movedim(self.channel_dim(out), -1).reshape(-1, channels).sum(0)
-        self._count(weight, out.numel() // channels, kept, out.numel(), predicted.sum(), overhead)
+        rows = out.numel() // channels
+        # int32 sums over every axis but the channel one: no int64 copy of the mask
+        kept = keep.sum(dim=[d for d in range(keep.dim()) if d != channel_dim], dtype=torch.int32).long()
+        self._count(weight, rows, kept, out.numel(), out.numel() - kept.sum(), overhead)
         if probe.is_recorded(self):
             nnz_r = (weight[:, self.k:] != 0).flatten(1).sum(1)
             probe.emit(self, out, stat=stat.detach(), delta=-full.detach(), pre=pre.detach(),
@@ -249,14 +252,18 @@ class ENPBase(ExPruneOp):
             if bn_bias is not None:
                 shift = shift + bn_bias
             a = self._chan(a)
+        if self.rule == "threshold":  # one fused pass: m = S_k * (a / k) + shift / n
+            if a is None:
+                m = s_k / self.k if shift is None else torch.add(self._chan(shift / self.n), s_k, alpha=1.0 / self.k)
+            else:
+                m = s_k * (a / self.k) if shift is None else torch.addcmul(self._chan(shift / self.n), s_k, a / self.k)
+            return m if residual is None else m.add_(residual, alpha=1.0 / self.n)
         mean_term = s_k / self.k
         m = mean_term if a is None else a * mean_term
         if shift is not None:
             m = m + self._chan(shift / self.n)
         if residual is not None:
             m = m + residual / self.n
-        if self.rule == "threshold":
-            return m
         var = (q_k / self.k - mean_term * mean_term).clamp_min(0.0)
         if a is not None:
             var = var * (a * a)
