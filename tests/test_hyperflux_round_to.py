@@ -1,4 +1,4 @@
-"""round_to: at freeze, every gated space keeps a multiple of round_to channels, chosen by score."""
+"""round_to: every gated space keeps a multiple of round_to channels, chosen by score, with the density kept."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -59,9 +59,41 @@ def test_rounding_moves_the_best_scores_first():
     opened = int((score >= 0).sum())
     changed = runtime.round_channel_counts(5)
     after = score >= 0
-    goal = 5 * round(opened / 5)
-    assert int(after.sum()) == goal and changed[plan.space_id] == (opened, goal)
+    goal = int(after.sum())
+    assert goal % 5 == 0 and abs(goal - opened) < 5
+    assert changed.get(plan.space_id, (opened, opened)) == (opened, goal)
     assert bool(after[-goal:].all()) and not bool(after[:-goal].any())  # still the highest-score channels
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([4, 8]))
+def test_rounding_keeps_the_density_within_one_step_of_one_space(seed, multiple):
+    """Rounded down or up per space, so the density moves by at most what one space's step moves it."""
+    model, _ = run(1)
+    runtime = model.fxprune.hyperflux
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in runtime.gates:
+            gate.score.copy_(torch.randn(gate.score.shape, generator=generator))
+    before = runtime.density()
+    runtime.round_channel_counts(multiple)
+    after = runtime.density()
+    steps = []
+    for plan in runtime.channel_plans:  # the density change of moving one space by one multiple
+        score = runtime.gates[plan.gate_index].score
+        saved = score.detach().clone()
+        count = int((score >= 0).sum())
+        with torch.no_grad():
+            score.copy_(torch.linspace(-1, 1, plan.size).flip(0))
+            score[min(plan.size, count + multiple):] = -1
+            score[:min(plan.size, count + multiple)] = 1
+            up = runtime.density()
+            score[max(0, count - multiple):] = -1
+            down = runtime.density()
+            score.copy_(saved)
+        steps.append(max(up - after, after - down))
+        assert count % multiple == 0 and count >= multiple
+    assert abs(after - before) <= max(steps) + 1e-9
 
 
 def test_round_to_must_be_a_positive_integer():

@@ -49,16 +49,36 @@ def test_pressure_gradient_is_gamma_eff_over_n_without_data_loss():
 
 
 def test_channel_pressure_is_weighted_by_the_params_each_channel_controls():
-    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel")
+    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel", pressure_cost_exponent=1.0)
     rt.scheduler.gamma = 1.0
     first, second = _applied_gradients(rt)  # hidden spaces: 16 + 32 and 64 + 4 weights per channel
     total = 64 * (16 + 32) + 32 * (64 + 4)
     assert torch.allclose(first, torch.full((64,), (16 + 32) / total))
     assert torch.allclose(second, torch.full((32,), (64 + 4) / total))
-    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel", weight_by="macs")
+    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel", weight_by="macs",
+                   pressure_cost_exponent=1.0)
     rt.scheduler.gamma = 1.0
     first, second = _applied_gradients(rt)  # a batch of 8: MACs = 8 x weights
     assert torch.allclose(first, torch.full((64,), (16 + 32) / total))
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.5])
+def test_pressure_cost_exponent_shares_the_pressure_by_a_power_of_the_cost(exponent):
+    gm, rt = gated(mlp((16, 64, 32, 4)), torch.randn(8, 16), granularity="channel", weight_by="macs",
+                   pressure_cost_exponent=exponent)
+    rt.scheduler.gamma = 1.0
+    first, second = _applied_gradients(rt)  # per channel: (16 + 32) x 8 and (64 + 4) x 8 MACs
+    a, b = (8 * (16 + 32)) ** exponent, (8 * (64 + 4)) ** exponent
+    total = 64 * a + 32 * b
+    assert torch.allclose(first, torch.full((64,), a / total)) and torch.allclose(second, torch.full((32,), b / total))
+    assert rt.config.weight_by == "macs"  # the density still counts MACs, whatever the pressure
+    assert rt.density() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, float("nan"), "1"])
+def test_pressure_cost_exponent_out_of_range_is_a_config_error(bad):
+    with pytest.raises(fxprune.ConfigError, match="pressure_cost_exponent"):
+        HyperfluxConfig(0.5, "channel", pruning_steps=10, pressure_cost_exponent=bad)
 
 
 def _run(gamma: float, steps: int = 30):

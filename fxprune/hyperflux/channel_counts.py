@@ -8,31 +8,74 @@ ones close first.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 
 @torch.no_grad()
-def round_channel_counts(gates: list, plans: list, multiple: int, margin: float) -> dict[int, tuple[int, int]]:
-    """Round the open channels of every gated space (``plans``: the runtime's ChannelPlans) to the
-    nearest multiple of ``multiple`` (at least ``multiple``; spaces smaller than it are left alone).
-    The runtime calls it when the gates freeze if ``config.round_to > 1``. Returns ``{space id:
-    (open before, open after)}`` for the spaces that changed."""
-    changed = {}
+def round_channel_counts(gates: list, plans: list, multiple: int, margin: float,
+                         density: Callable[[], float] | None = None,
+                         target: float | None = None) -> dict[int, tuple[int, int]]:
+    """Round the open channels of every gated space (``plans``: the runtime's ChannelPlans) to a
+    multiple of ``multiple`` (at least ``multiple``, at most the whole space; spaces smaller than
+    ``multiple`` are left alone).
+
+    Without ``density``: to the nearest multiple. With ``density`` (a callable returning the
+    current density) and ``target`` (a density): the density lands as close to ``target`` as the
+    multiples allow: every space is first rounded down, then, largest remainder first (the
+    spaces nearest their upper multiple), rounded up while the density is below ``target``; the
+    last step up is undone when it overshoots by more than it fixed. Per space each count moves by
+    less than ``multiple``, so the rounding never changes the allocation by more than that.
+    Returns ``{space id: (open before, open after)}`` for the spaces that changed."""
+    counts, bounds, original = {}, {}, {}
     for plan in plans:
-        score = gates[plan.gate_index].score
         if plan.size < multiple:
             continue
+        score = gates[plan.gate_index].score
         count = int((score >= 0).sum())
-        goal = min(plan.size, max(multiple, multiple * round(count / multiple)))
-        if goal == count:
-            continue
-        if goal > count:
-            reopen_highest(score, goal - count, margin)
-        else:
-            close_lowest(score, count - goal, margin)
-        changed[plan.space_id] = (count, goal)
+        low = min(plan.size, max(multiple, multiple * (count // multiple)))
+        high = min(plan.size, max(multiple, multiple * -(-count // multiple)))
+        counts[plan.space_id], bounds[plan.space_id] = count, (plan, low, high)
+        original[plan.space_id] = score.detach().clone()
+
+    def open_exactly(i: int, goal: int) -> None:  # from the scores as they were: moves never compound
+        score = gates[bounds[i][0].gate_index].score
+        score.copy_(original[i])
+        set_open_count(score, goal, margin)
+
+    if density is None:
+        for i, (plan, _, _) in bounds.items():
+            open_exactly(i, min(plan.size, max(multiple, multiple * round(counts[i] / multiple))))
+    else:
+        for i, (_, low, _) in bounds.items():
+            open_exactly(i, low)
+        current = density()
+        for i in sorted((i for i, (_, low, high) in bounds.items() if high > low),
+                        key=lambda i: -(counts[i] - bounds[i][1]) / multiple):
+            if current >= target:
+                break
+            open_exactly(i, bounds[i][2])
+            after = density()
+            if after - target > target - current:
+                open_exactly(i, bounds[i][1])
+                break
+            current = after
+    changed = {}
+    for i, (plan, _, _) in bounds.items():
+        now = int((gates[plan.gate_index].score >= 0).sum())
+        if now != counts[i]:
+            changed[i] = (counts[i], now)
     return changed
+
+
+def set_open_count(score: torch.Tensor, goal: int, margin: float) -> None:
+    """Open exactly ``goal`` gates of ``score``: reopen the highest closed or close the lowest open."""
+    count = int((score >= 0).sum())
+    if goal > count:
+        reopen_highest(score, goal - count, margin)
+    elif goal < count:
+        close_lowest(score, count - goal, margin)
 
 
 @torch.no_grad()

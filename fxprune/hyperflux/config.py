@@ -81,6 +81,11 @@ class HyperfluxConfig:
             (the paper's "aggressivity", 6).
         weight_by: how pressure and density count: "params" (each gated weight counts 1) or
             "macs" (each weight counts the multiply-adds it takes part in; a FLOPs target).
+        pressure_cost_exponent: a gate's share of the pressure is proportional to its cost (what it
+            counts in the density, see ``weight_by``) raised to this power. 1: pressure per unit of
+            cost, so a gate closes when its flux per MAC is low (the knapsack ranking); 0: every
+            gate feels the same pressure and the flux alone ranks them, the density still counted in
+            ``weight_by``'s units.
         exact_target: put the density on the target when the pressure is released (end of the
             pruning phase; regrowth then fine-tunes from there), at every scheduler interval of
             regrowth (what the flux reopens replaces the weakest open gates: a swap, so the final
@@ -101,12 +106,15 @@ class HyperfluxConfig:
             rising while a wave of closures is already under way, and the density then overshoots
             (too sparse). With the lookahead gamma stops rising, and falls, as soon as the gates in
             flight will reach the trajectory. Same gains, inertia and trajectory as the paper.
-        round_to: channel granularity: when the gates freeze, the open channels of every gated
-            space are rounded to the nearest multiple of ``round_to`` (at least one multiple; spaces
-            smaller than it are left alone), reopening the highest-score closed channels or closing
-            the lowest-score open ones, so that exported layers have kernel-friendly widths (8 or
-            16 on most CPUs and GPUs). The density then ends near, not exactly on, the target.
-            1 (default): no rounding.
+        round_to: channel granularity: after each density correction (``exact_target``: end of
+            pruning, every scheduler interval of regrowth) and when the gates freeze, the open
+            channels of every gated space are rounded to a multiple of ``round_to`` (at least one
+            multiple; spaces smaller than it are left alone), reopening the highest-score closed
+            channels or closing the lowest-score open ones, so that exported layers have
+            kernel-friendly widths (8 or 16 on most CPUs and GPUs). Each space is rounded down or
+            up so that the density stays as close to where it was as the multiples allow
+            (largest remainder first, :func:`fxprune.hyperflux.channel_counts.round_channel_counts`),
+            and regrowth trains the rounded widths. 1: no rounding.
         min_channel_fraction: channel granularity: every gated space keeps at least this fraction
             of its channels open (at least one), the highest-score closed ones reopened after each
             gate update and correction, so that the global allocation cannot starve a narrow layer.
@@ -136,6 +144,7 @@ class HyperfluxConfig:
     pressure_exponent: float = 1.5
     trajectory_steepness: float = 6.0
     weight_by: str = "params"
+    pressure_cost_exponent: float = 1.0
     exact_target: bool = True
     lookahead: bool = True
     round_to: int = 1
@@ -173,6 +182,9 @@ class HyperfluxConfig:
         if not (isinstance(self.regrowth_lr_decay, (int, float)) and 0 < self.regrowth_lr_decay <= 1):
             raise ConfigError(f"HyperfluxConfig.regrowth_lr_decay must be in (0, 1], got {self.regrowth_lr_decay!r}")
         _choice("weight_by", self.weight_by, WEIGHTINGS)
+        if not (_is_number(self.pressure_cost_exponent) and 0 <= self.pressure_cost_exponent <= 1):
+            raise ConfigError(f"HyperfluxConfig.pressure_cost_exponent must be in [0, 1], got "
+                              f"{self.pressure_cost_exponent!r}")
         _choice("score_init", self.score_init, SCORE_INITS)
         _integer("round_to", self.round_to, 1, "channels")
         if not (_is_number(self.min_channel_fraction) and 0 <= self.min_channel_fraction < 1):

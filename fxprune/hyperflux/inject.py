@@ -150,7 +150,7 @@ class _Injector:
         for target, magnitude in zip(gated, initial):
             weight = self.params[target.key]
             scores = self.new_scores(target.key, tuple(weight.shape), weight.device, magnitude)
-            self.shares.append(torch.tensor(self.element_cost(target.key)))
+            self.shares.append(self.pressure_share_of(torch.tensor(self.element_cost(target.key))))
             gate = WeightGate(scores, self.config.ste_scale)
             self.parametrize(target.key, gate)
             self.count(target.key, gate)
@@ -180,7 +180,7 @@ class _Injector:
             scores = self.new_scores(f"space {space.id}", (space.size,), device,
                                      rank_scores(importance, *self.config.gate_init))
             self.plans.append(ChannelPlan(space.id, len(self.gates) - 1, space.size, list(space.members)))
-            self.shares.append(self.channel_costs(space, counted))
+            self.shares.append(self.pressure_share_of(self.channel_costs(space, counted)))
             for members, parts in ((consumers, mask_parts), (counted, count_parts)):
                 for m in members:
                     index = channel_index(m.positions, self.params[m.key].shape[m.axis], space.size)
@@ -221,6 +221,12 @@ class _Injector:
             counts = torch.tensor([len(p) if isinstance(p, list) else 1 for p in m.positions], dtype=torch.float64)
             costs += counts * per_position * cost
         return costs
+
+    def pressure_share_of(self, costs: torch.Tensor) -> torch.Tensor:
+        """Un-normalised pressure of gates that cost ``costs``: ``costs ** pressure_cost_exponent``
+        (a gate that costs nothing feels no pressure)."""
+        costs = costs.double()
+        return torch.where(costs > 0, costs.clamp_min(1e-300) ** self.config.pressure_cost_exponent, 0.0)
 
     def normalise_pressure(self) -> None:
         """pressure_share of every score, so that the shares of all scores sum to 1."""

@@ -112,23 +112,26 @@ class HyperfluxRuntime(nn.Module):
             self._history.append({"step": sched.steps, "gamma": sched.gamma, "gamma_eff": sched.gamma_eff,
                                   "density": density, "target": sched.target()})
         c = self.config
-        if self._correction_due():
+        correcting = self._correction_due()
+        if correcting:
             if sched.steps == c.pruning_steps:
                 # the pressure drops to 0 here, so its memory in Adam's first moment is stale (it
                 # would keep closing gates for ~1 / (1 - beta1) steps): regrowth starts without it
                 for g in self.gates:
                     g.exp_avg.zero_()
             self._warn_if_large(self.correct_density())
-            self.keep_channel_floor()
-        if sched.steps == c.pruning_steps + c.regrowth_steps and c.round_to > 1 and self.channel_plans:
-            self.round_channel_counts(c.round_to)
+        if correcting or sched.steps == c.pruning_steps + c.regrowth_steps:
+            if c.round_to > 1 and self.channel_plans:
+                self.round_channel_counts(c.round_to)
             self.keep_channel_floor()
         if sched.phase() == "frozen":
             self._set_trainable(False)
 
     def round_channel_counts(self, multiple: int) -> dict[int, tuple[int, int]]:
-        """:func:`fxprune.hyperflux.channel_counts.round_channel_counts` on this runtime."""
-        return channel_counts.round_channel_counts(self.gates, self.channel_plans, multiple, self._margin())
+        """:func:`fxprune.hyperflux.channel_counts.round_channel_counts` on this runtime, keeping
+        the density as close to its current value as the multiples allow."""
+        return channel_counts.round_channel_counts(self.gates, self.channel_plans, multiple, self._margin(),
+                                                   self.density, self.density())
 
     def keep_channel_floor(self) -> int:
         """:func:`fxprune.hyperflux.channel_counts.keep_channel_floor` with ``config.min_channel_fraction``."""
