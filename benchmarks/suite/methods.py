@@ -4,8 +4,9 @@ fxprune is used only through its public API (wrap, HyperfluxConfig, ExPruneConfi
 flops, export, model.fxprune.step/sparsity). Headline rows pass HyperfluxConfig only the target,
 the phase lengths and, for channel gates, ``granularity="channel", weight_by="macs"`` (the
 target is then a fraction of MACs, the unit the comparison is made in). Phases: the last 20 % of
-the fine-tuning steps are the regrowth phase (at least one step), for every method alike (the
-magnitude peer fine-tunes with its final mask over the same steps).
+the fine-tuning steps are the regrowth phase (at least one step; channel gates: the last 50 %, as
+README advises), for every method alike (the magnitude peer fine-tunes with its final mask over the
+same steps; Torch-Pruning prunes once, then fine-tunes over all of them).
 
 Peers: gradual global magnitude pruning with ``torch.nn.utils.prune.global_unstructured``
 (L1, the cubic schedule of Zhu & Gupta 2017 over the pruning steps, 100 updates, one global
@@ -29,13 +30,14 @@ from fxprune.exprune.calibrate import samples_needed
 from . import models
 from .tasks import Task
 
-REGROWTH_FRACTION = 0.2
+REGROWTH_FRACTION = 0.2  # weight gates: the steps given to regrowth
+CHANNEL_REGROWTH_FRACTION = 0.5  # channel gates: README's advice (as many regrowth steps as pruning)
 PAPER_CONTROLLER = dict(lookahead=False, exact_target=False, score_init="uniform")
 
 
-def phases(task: Task, epochs: int) -> tuple[int, int]:
+def phases(task: Task, epochs: int, regrowth_fraction: float = REGROWTH_FRACTION) -> tuple[int, int]:
     total = epochs * task.steps_per_epoch()
-    regrowth = max(1, int(REGROWTH_FRACTION * total))
+    regrowth = max(1, int(regrowth_fraction * total))
     return total - regrowth, regrowth
 
 
@@ -80,7 +82,7 @@ def measure(task: Task, model: nn.Module, method: str, *, latency: bool = False,
 
 def hyperflux(task: Task, dense: nn.Module, target: float, epochs: int, seed: int, *, paper: bool = False,
               channel: bool = False) -> dict:
-    pruning, regrowth = phases(task, epochs)
+    pruning, regrowth = phases(task, epochs, CHANNEL_REGROWTH_FRACTION if channel else REGROWTH_FRACTION)
     extra = dict(PAPER_CONTROLLER) if paper else {}
     if channel:
         extra.update(granularity="channel", weight_by="macs")

@@ -213,7 +213,9 @@ class Suite:
                       "fine-tuning steps = regrowth); the paper's controller = lookahead=False, exact_target=False, score_init='uniform'; "
                       "global magnitude = torch.nn.utils.prune.global_unstructured, cubic schedule. Effective MACs "
                       "count the zero weights as skipped (fxprune.flops).",
-            "channel": "Hyperflux granularity='channel', weight_by='macs' (target = fraction of gated MACs), then "
+            "channel": "Hyperflux granularity='channel', weight_by='macs' (target = fraction of gated MACs), the "
+                       "other settings default, the last half of the fine-tuning steps = regrowth (README's advice "
+                       "for channel gates; rows before 2026-12-02 08:00 UTC: 20 % and pressure_cost_exponent=1), then "
                        "fxprune.export; Torch-Pruning 1.6.1 MetaPruner (uniform per-layer ratio, its default, found "
                        "by bisection to the MACs goal), one-shot, then the same fine-tuning epochs "
                        f"({self.grid['channel_epochs']}). Latency: median eager CPU forward (this thread's CPU time when torch runs "

@@ -82,10 +82,15 @@ class HyperfluxConfig:
         weight_by: how pressure and density count: "params" (each gated weight counts 1) or
             "macs" (each weight counts the multiply-adds it takes part in; a FLOPs target).
         pressure_cost_exponent: a gate's share of the pressure is proportional to its cost (what it
-            counts in the density, see ``weight_by``) raised to this power. 1: pressure per unit of
-            cost, so a gate closes when its flux per MAC is low (the knapsack ranking); 0: every
-            gate feels the same pressure and the flux alone ranks them, the density still counted in
-            ``weight_by``'s units.
+            counts in the density, see ``weight_by``) raised to this power. 0 (default): every gate
+            feels the same pressure, so the flux alone ranks them, while the controller still steers
+            the density in ``weight_by``'s units (a MACs target stays a MACs target). 1: pressure
+            per unit of cost, so a gate closes when its flux per MAC is low (the knapsack ranking);
+            with channel gates and ``weight_by="macs"`` it strips the high-resolution early layers
+            first (mobilenetv2 at 70 % of MACs: early blocks cut to 8-16 % of their channels, 3
+            points under Torch-Pruning's uniform allocation on the development split;
+            BENCHMARKS.md, study notes). Unused with ``weight_by="params"`` and weight gates (every
+            cost is 1).
         exact_target: put the density on the target when the pressure is released (end of the
             pruning phase; regrowth then fine-tunes from there), at every scheduler interval of
             regrowth (what the flux reopens replaces the weakest open gates: a swap, so the final
@@ -114,7 +119,9 @@ class HyperfluxConfig:
             kernel-friendly widths (8 or 16 on most CPUs and GPUs). Each space is rounded down or
             up so that the density stays as close to where it was as the multiples allow
             (largest remainder first, :func:`fxprune.hyperflux.channel_counts.round_channel_counts`),
-            and regrowth trains the rounded widths. 1: no rounding.
+            and regrowth trains the rounded widths. Weight gates ignore it. 1 (default): no
+            rounding; on this project's 2-core CPU, widths rounded to 8 ran neither faster nor slower
+            than uneven ones at the same MACs (resnet18, mobilenetv2; BENCHMARKS.md, study notes).
         min_channel_fraction: channel granularity: every gated space keeps at least this fraction
             of its channels open (at least one), the highest-score closed ones reopened after each
             gate update and correction, so that the global allocation cannot starve a narrow layer.
@@ -144,7 +151,7 @@ class HyperfluxConfig:
     pressure_exponent: float = 1.5
     trajectory_steepness: float = 6.0
     weight_by: str = "params"
-    pressure_cost_exponent: float = 1.0
+    pressure_cost_exponent: float = 0.0
     exact_target: bool = True
     lookahead: bool = True
     round_to: int = 1
