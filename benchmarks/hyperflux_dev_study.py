@@ -6,7 +6,7 @@ fine-tuning loop and prints the development-split accuracy at the end of the pru
 regrowth, the first density correction and the sparsity reached. The test split is never used.
 
     .venv/bin/python -m benchmarks.hyperflux_dev_study --target 0.9 --epochs 1 --setting '{}' '{"score_init": "uniform"}'
-    .venv/bin/python -m benchmarks.hyperflux_dev_study --granularity channel --target 0.7 --epochs 3 --regrowth 0.5
+    .venv/bin/python -m benchmarks.hyperflux_dev_study --granularity channel --target 0.7 --epochs 3 --regrowth 0.2
     .venv/bin/python -m benchmarks.hyperflux_dev_study --granularity channel --target 0.7 --epochs 3 --peer Taylor magnitude
 
 ``--peer`` runs Torch-Pruning (the suite's MetaPruner setup: one-shot at the uniform ratio that
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", default="weight", choices=["weight", "channel"])
     p.add_argument("--target", type=float, default=0.9, help="target sparsity (channel: fraction of MACs)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--regrowth", type=float, default=0.2, help="fraction of the steps given to regrowth")
+    p.add_argument("--regrowth", type=float, default=None,
+                   help="fraction of the steps given to regrowth (default: the suite's, 0.2 weight / 0.5 channel)")
     p.add_argument("--setting", nargs="+", default=["{}"], help="HyperfluxConfig fields as JSON, one run each")
     p.add_argument("--seed", type=int, default=0, help="dense model seed (fine-tuning uses seed + 1, as the suite)")
     p.add_argument("--densities", action="store_true", help="print the fraction kept of every gated tensor")
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     dense = task.dense(args.seed)
     print(f"dense: {100 * task.accuracy(dense, task.dev):.2f} % on the development split")
     total = args.epochs * task.steps_per_epoch()
+    if args.regrowth is None:
+        args.regrowth = methods.CHANNEL_REGROWTH_FRACTION if args.granularity == "channel" else methods.REGROWTH_FRACTION
     regrowth = max(1, int(args.regrowth * total))
     pruning = total - regrowth
     extra = dict(granularity="channel", weight_by="macs") if args.granularity == "channel" else {}
