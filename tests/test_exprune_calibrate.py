@@ -81,6 +81,20 @@ def test_calibrate_respects_max_drop_and_sets_thresholds(rule, max_drop):
         assert rt.effective_macs_saved() > 0
 
 
+def test_metric_fn_runs_without_autograd():
+    gm, _ = wrapped()
+    x, y = blobs(400, 2)
+    grad_modes = []
+
+    def metric(model):  # no torch.no_grad() of its own: calibrate provides it
+        grad_modes.append(torch.is_grad_enabled())
+        return (model(x).argmax(1) == y).float().mean().item()
+
+    calibrate(gm, [(xb, yb) for xb, yb in zip(x.split(200), y.split(200))], metric, 0.02, progress=False,
+              confidence=None)
+    assert grad_modes and not any(grad_modes) and torch.is_grad_enabled()
+
+
 def test_calibrate_fisher_objective_on_a_regression_output():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).eval()

@@ -81,7 +81,8 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
             positional inputs. A 2-item batch for a model that requires exactly two inputs is
             ambiguous and raises :class:`ConfigError` unless its first item is a tuple: pass
             ``batch_inputs``.
-        metric_fn: ``metric_fn(model)``, higher is better, called at most ``max_evals + 1`` times.
+        metric_fn: ``metric_fn(model)``, higher is better, called at most ``max_evals + 1`` times,
+            under ``torch.no_grad()`` (no autograd graph is kept over the metric's forward passes).
             A 1-D tensor of per-sample scores in the same sample order on every call (e.g. per-sample
             correctness as 0/1): with ``confidence`` it must score the samples of ``batches`` in their
             order (that is how the held-out samples are found), and a sample is lost when its score
@@ -152,7 +153,8 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
     if confidence is not None:
         check_certifiable(int(certifying.sum()), max_drop, confidence, holdout,
                           f"{sum(probed.held_out)} of {len(probed.held_out)} batches", certify)
-    dense = metric_value(metric_fn(model), None)
+    with torch.no_grad():
+        dense = metric_value(metric_fn(model), None)
     if confidence is not None:
         _check_scores(dense, certifying.numel())
     penalty = FlipPenalty(tables, margins, smoothing) if margins is not None else QuadraticPenalty(tables)
@@ -163,7 +165,8 @@ def calibrate(model: nn.Module, batches: Iterable, metric_fn: Callable[[nn.Modul
         _apply(ops, allocation_at(path, position, tables), harms)
         for op in ops.values():
             op.reset_stats()
-        value = metric_value(metric_fn(model), dense)
+        with torch.no_grad():
+            value = metric_value(metric_fn(model), dense)
         saved_fraction[position] = _saved_fraction(ops)
         return value
 
