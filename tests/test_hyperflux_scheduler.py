@@ -91,8 +91,8 @@ def test_config_defaults_follow_the_paper():
     config = HyperfluxConfig(0.9, pruning_steps=1000)
     assert config.scheduler_interval == 10 and config.scheduler_updates == 100
     assert (config.ste_scale, config.gate_init) == (0.25, (0.2, 0.5))
-    # gate_lr follows the schedule (16 * gate_init[1] / pruning_steps); the paper's 1e-3 from 8,000 steps on
-    assert config.gate_lr == pytest.approx(0.008) and HyperfluxConfig(0.9, pruning_steps=8000).gate_lr == 1e-3
+    # gate_lr follows the schedule (weight gates: 8 * gate_init[1] / pruning_steps); the paper's 1e-3 from 4,000 steps on
+    assert config.gate_lr == pytest.approx(0.004) and HyperfluxConfig(0.9, pruning_steps=4000).gate_lr == 1e-3
     assert (config.gamma_step, config.gamma_inertia_step, config.pressure_exponent) == (0.3, 0.075, 1.5)
     assert config.lookahead and config.exact_target  # fxprune's own additions, documented; False, False = paper
     assert math.isclose(config.target_density, 0.1)

@@ -26,7 +26,9 @@ GRANULARITIES = ("weight", "channel")
 WEIGHTINGS = ("params", "macs")
 SCHEDULER_UPDATES = 100  # default number of scheduler updates in the pruning phase (paper: 100 epochs)
 PAPER_GATE_LR = 1e-3  # the paper's gate learning rate: the derived one never goes below it
-CLOSINGS_PER_PHASE = 16  # derived gate_lr: a gate starting at gate_init's high end can close in 1/16 of the phase
+# derived gate_lr: a gate starting at gate_init's high end can close in 1/CLOSINGS of the pruning phase
+WEIGHT_CLOSINGS_PER_PHASE = 8
+CHANNEL_CLOSINGS_PER_PHASE = 16
 MAX_CLOSING_SHARE = 0.25  # warn when a gate needs more than this share of the pruning phase to close
 MIN_SCHEDULER_UPDATES = 4  # warn when the controller updates fewer times than this in the pruning phase
 WEIGHT_REGROWTH_DECAY = 0.95  # derived regrowth_lr_decay of weight gates (the paper's)
@@ -52,13 +54,19 @@ class HyperfluxConfig:
             (0.25 = slope of the sigmoid at 0).
         gate_lr: Adam learning rate of the gate scores (no weight decay). Adam moves a score by
             about gate_lr per step, so a score needs ~gate_init / gate_lr steps of steady pressure
-            to close. None (derived from the schedule):
-            ``max(1e-3, 16 * gate_init[1] / pruning_steps)``: a gate that starts at the highest
-            initial score can close within 1/16 of the pruning phase. Long schedules
-            (>= 8,000 steps at the default gate_init) get the paper's 1e-3; 190 steps get 0.042
-            (the 0.04 chosen on BENCHMARKS.md's digits runs). With too small a gate_lr no gate
-            closes in time and the correction at the end of pruning (``exact_target``) closes
-            almost all of them at once, ranked by their random initial scores. A gate_lr with which a gate needs more than a quarter of the pruning phase to close
+            to close. None (derived from the schedule and the granularity):
+            ``max(1e-3, c * gate_init[1] / pruning_steps)`` with c = 8 for weight gates and 16 for
+            channel gates: a gate that starts at the highest initial score can close within 1/c of
+            the pruning phase. Long schedules get the paper's 1e-3 (weight gates from 4,000 steps
+            on at the default gate_init). Weight gates take the slower rate because Adam moves
+            every score by about gate_lr per step even when its flux is noise, and millions of
+            noisy per-weight scores then scramble the magnitude order they start in: on the
+            development split (resnet18, 90 / 95 / 98 %) c = 8 kept 1.4-4.4 points more than c = 16
+            after one epoch and tied or won after 3 and 10 (BENCHMARKS.md, study notes); a channel
+            score sums the flux of whole channels and c = 8 changed nothing there. With too small a
+            gate_lr no gate closes in time and the correction at the end of pruning
+            (``exact_target``) closes almost all of them at once, ranked by their initial scores.
+            A gate_lr with which a gate needs more than a quarter of the pruning phase to close
             draws a ``ScheduleWarning`` (``schedule_problems``).
         gate_init: scores start in [low, high]; low >= 0 so every gate starts open.
         score_init: where in gate_init each score starts (:mod:`fxprune.hyperflux.score_init`):
@@ -175,7 +183,8 @@ class HyperfluxConfig:
             self.regrowth_lr_decay = CHANNEL_REGROWTH_DECAY if self.granularity == "channel" else WEIGHT_REGROWTH_DECAY
             derived.append("regrowth_lr_decay")
         if self.gate_lr is None:
-            self.gate_lr = max(PAPER_GATE_LR, CLOSINGS_PER_PHASE * self.gate_init[1] / self.pruning_steps)
+            closings = CHANNEL_CLOSINGS_PER_PHASE if self.granularity == "channel" else WEIGHT_CLOSINGS_PER_PHASE
+            self.gate_lr = max(PAPER_GATE_LR, closings * self.gate_init[1] / self.pruning_steps)
             derived.append("gate_lr")
         self.derived = tuple(derived)
         _integer("scheduler_interval", self.scheduler_interval, 1)
