@@ -156,6 +156,22 @@ def test_channel_harm_recovers_the_model_and_inverts():
     assert (predicted_by_level != predicted_by_t).float().mean() < 1e-3
 
 
+def test_channel_bins_against_thresholds_match_the_levels_of_the_harm():
+    """The probe bins m against each channel's T per cutoff instead of computing log r_c per element."""
+    m, pre, _ = synthetic_site(channels=4)
+    pre[:, 3] = -pre[:, 3]  # an unusable channel: never predicted
+    harm = ChannelHarm.fit(1, m, pre, torch.ones_like(m), torch.full_like(m, 32.0))
+    r = harm(m)
+    levels = torch.quantile(r[:, :3].double().flatten(), torch.linspace(0.05, 0.95, 16, dtype=torch.float64))
+    m = m.clone()
+    m[0, 0] = float("nan")
+    bins = harm.bins(harm.thresholds(levels), m)
+    expected = torch.searchsorted(levels.float(), r.contiguous(), right=True)
+    expected[0, 0] = expected[:, 3] = 16
+    assert bins.shape == m.shape and (bins[:, 3] == 16).all() and bins[0, 0] == 16
+    assert (bins != expected).float().mean() < 1e-3  # only elements within rounding of a cutoff differ
+
+
 def test_channel_harm_weights_importance_and_savings_and_skips_unusable_channels():
     m, pre, _ = synthetic_site(channels=3)
     pre[:, 2] = -pre[:, 2]  # pre falls with m: the statistic says nothing useful

@@ -83,14 +83,33 @@ class ChannelHarm:
 
     def inverse(self, level: float) -> list[float]:
         """Per-channel T on m with log r_c(T) = level (-inf in channels never predicted)."""
-        target = level - self.log_scale
+        return self.thresholds(torch.tensor([float(level)], dtype=torch.float64))[:, 0].tolist()
+
+    def thresholds(self, levels: Tensor) -> Tensor:
+        """(C, L) float64: per channel, the T on m with log r_c(T) = each of ``levels`` (L,), by
+        bisection on u (h is increasing, so T rises with the level); -inf in channels never
+        predicted. An element is predicted at a level exactly when m < T_c: the probe bins m
+        against these instead of evaluating log r_c on every element."""
+        levels = levels.to(self.log_scale.device, torch.float64)
+        target = levels.view(1, -1) - self.log_scale.double().view(-1, 1)
         lo, hi = torch.full_like(target, -60.0), torch.full_like(target, 60.0)
-        for _ in range(64):  # bisection on u; h is increasing
+        for _ in range(64):
             mid = (lo + hi) / 2
             below = log_expected_relu(mid) < target
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        threshold = (lo * self.sigma - self.offset) / self.slope
-        return threshold.masked_fill(~self.usable, -math.inf).tolist()
+        column = lambda t: t.double().view(-1, 1)  # noqa: E731
+        threshold = (lo * column(self.sigma) - column(self.offset)) / column(self.slope)
+        return threshold.masked_fill(~column(self.usable).bool(), -math.inf)
+
+    def bins(self, thresholds: Tensor, stat: Tensor) -> Tensor:
+        """Per element of ``stat`` (channels in ``dim``): how many of its channel's ``thresholds``
+        ((C, L), each row increasing) are <= m, i.e. the first level index at which the element is
+        predicted (L where m is NaN or the channel is never predicted). Same layout as ``stat``."""
+        by_channel = stat.detach().movedim(self.dim, 0)
+        flat = by_channel.reshape(by_channel.shape[0], -1).contiguous()
+        index = torch.searchsorted(thresholds.to(flat.dtype).contiguous(), flat, right=True)
+        index = index.masked_fill(torch.isnan(flat), thresholds.shape[1])
+        return index.view(by_channel.shape).movedim(0, self.dim)
 
 
 def log_expected_relu(u: Tensor) -> Tensor:

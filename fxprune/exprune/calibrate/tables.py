@@ -73,6 +73,7 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
     saved: dict[str, Tensor] = {}
     effects: dict[str, list[Tensor]] = {}
     harms: dict[str, ChannelHarm] = {}
+    channel_cuts: dict[str, Tensor] = {}  # site -> (C, bins) per-channel T of each cutoff
     margins: list[Tensor] = []
     samples = 0
     batch_samples: list[int] = []
@@ -117,13 +118,20 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
                 if first and per_channel and op.rule == "threshold" and op.per_channel and "pre" in p:
                     harms[name] = ChannelHarm.fit(op.channel_dim(p["stat"]), p["stat"], p["pre"], g, p["save"])
                 harm = harms.get(name)
-                stat = harm(p["stat"]) if harm is not None else p["stat"]
-                tests = harm.tests(p["stat"]) if harm is not None else stat.numel()
-                if first:
-                    edges[name] = _candidate_cutoffs(stat, bins, sample_limit, generator)
+                if first:  # candidate cutoffs on the first batch's statistic (log r_c(m) with a harm model)
+                    edges[name] = _candidate_cutoffs(harm(p["stat"]) if harm is not None else p["stat"], bins,
+                                                     sample_limit, generator)
+                    if harm is not None:
+                        channel_cuts[name] = harm.thresholds(edges[name])
                     saved[name] = torch.zeros(edges[name].numel(), dtype=torch.float64)
                     effects[name] = []
-                s, e = _batch_tables(edges[name], stat, p["save"], p["overhead"] * tests, contrib, rows)
+                if harm is not None:  # m against each channel's T per cutoff: no log r_c per element
+                    tests = harm.tests(p["stat"])
+                    index = harm.bins(channel_cuts[name], p["stat"])
+                else:
+                    tests = p["stat"].numel()
+                    index = _bins(edges[name], p["stat"])
+                s, e = _batch_tables(index, edges[name].numel(), p["save"], p["overhead"] * tests, contrib, rows)
                 saved[name] += s
                 effects[name].append(e)
     if samples == 0:
@@ -173,21 +181,26 @@ def _candidate_cutoffs(stat: Tensor, bins: int, limit: int, generator: torch.Gen
     return torch.unique(values[(levels * (values.numel() - 1)).round().long()])
 
 
-def _batch_tables(edges: Tensor, stat: Tensor, save: Tensor, overhead: float, contrib: Tensor, rows: int
-                  ) -> tuple[Tensor, Tensor]:
-    """One batch of one site: MACs saved per cutoff (summed over the batch) and the (rows, B) effect.
+def _bins(edges: Tensor, stat: Tensor) -> Tensor:
+    """Per element: the number of cutoffs <= its statistic s (``edges.numel()`` where s is NaN). The
+    element is predicted at cutoff t  <=>  s < edges[t]  <=>  bin <= t."""
+    index = torch.searchsorted(edges, stat.detach().contiguous(), right=True)
+    return index.masked_fill(torch.isnan(stat), edges.numel())
 
-    ``save`` is each element's MACs saved if predicted, ``overhead`` the batch's test MACs while
-    the site is enabled, ``contrib`` each element's first-order change of its row's score if it
-    were predicted.
+
+def _batch_tables(index: Tensor, b: int, save: Tensor, overhead: float, contrib: Tensor, rows: int
+                  ) -> tuple[Tensor, Tensor]:
+    """One batch of one site: MACs saved per cutoff (summed over the batch) and the (rows, b) effect.
+
+    ``index`` is each element's bin (:func:`_bins`: predicted at cutoff t <=> bin <= t; b: never),
+    ``save`` each element's MACs saved if predicted, ``overhead`` the batch's test MACs while the
+    site is enabled, ``contrib`` each element's first-order change of its row's score if it were
+    predicted.
     """
-    b = edges.numel()
-    flat = stat.reshape(rows, -1).contiguous()
-    # idx = number of cutoffs <= s; the element is predicted at cutoff t  <=>  s < edges[t]  <=>  idx <= t
-    idx = torch.searchsorted(edges, flat, right=True).masked_fill(torch.isnan(flat), b)
-    per_bin = torch.zeros(b + 1, dtype=torch.float64, device=flat.device)
+    idx = index.reshape(rows, -1)
+    per_bin = torch.zeros(b + 1, dtype=torch.float64, device=idx.device)
     per_bin.scatter_add_(0, idx.reshape(-1), save.reshape(-1).to(torch.float64))
     saved = per_bin[:b].cumsum(0) - overhead
-    per_row = torch.zeros(rows, b + 1, dtype=torch.float64, device=flat.device)
+    per_row = torch.zeros(rows, b + 1, dtype=torch.float64, device=idx.device)
     per_row.scatter_add_(1, idx, contrib.reshape(rows, -1).to(torch.float64))
     return saved.cpu(), per_row[:, :b].cumsum(1).float().cpu()
