@@ -15,19 +15,14 @@ import torch
 
 @torch.no_grad()
 def round_channel_counts(gates: list, plans: list, multiple: int, margin: float,
-                         density: Callable[[], float] | None = None,
-                         target: float | None = None) -> dict[int, tuple[int, int]]:
+                         density: Callable[[], float], target: float) -> dict[int, tuple[int, int]]:
     """Round the open channels of every gated space (``plans``: the runtime's ChannelPlans) to a
     multiple of ``multiple`` (at least ``multiple``, at most the whole space; spaces smaller than
-    ``multiple`` are left alone).
-
-    Without ``density``: to the nearest multiple. With ``density`` (a callable returning the
-    current density) and ``target`` (a density): the density lands as close to ``target`` as the
-    multiples allow: every space is first rounded down, then, largest remainder first (the
+    ``multiple`` are left alone), with the density (``density()``) landing as close to ``target``
+    as the multiples allow: every space is first rounded down, then, largest remainder first (the
     spaces nearest their upper multiple), rounded up while the density is below ``target``; the
-    last step up is undone when it overshoots by more than it fixed. Per space each count moves by
-    less than ``multiple``, so the rounding never changes the allocation by more than that.
-    Returns ``{space id: (open before, open after)}`` for the spaces that changed."""
+    last step up is undone when it overshoots by more than it fixed. Each count moves by less than
+    ``multiple``. Returns ``{space id: (open before, open after)}`` for the spaces that changed."""
     counts, bounds, original = {}, {}, {}
     for plan in plans:
         if plan.size < multiple:
@@ -44,23 +39,19 @@ def round_channel_counts(gates: list, plans: list, multiple: int, margin: float,
         score.copy_(original[i])
         set_open_count(score, goal, margin)
 
-    if density is None:
-        for i, (plan, _, _) in bounds.items():
-            open_exactly(i, min(plan.size, max(multiple, multiple * round(counts[i] / multiple))))
-    else:
-        for i, (_, low, _) in bounds.items():
-            open_exactly(i, low)
-        current = density()
-        for i in sorted((i for i, (_, low, high) in bounds.items() if high > low),
-                        key=lambda i: -(counts[i] - bounds[i][1]) / multiple):
-            if current >= target:
-                break
-            open_exactly(i, bounds[i][2])
-            after = density()
-            if after - target > target - current:
-                open_exactly(i, bounds[i][1])
-                break
-            current = after
+    for i, (_, low, _) in bounds.items():
+        open_exactly(i, low)
+    current = density()
+    for i in sorted((i for i, (_, low, high) in bounds.items() if high > low),
+                    key=lambda i: -(counts[i] - bounds[i][1]) / multiple):
+        if current >= target:
+            break
+        open_exactly(i, bounds[i][2])
+        after = density()
+        if after - target > target - current:
+            open_exactly(i, bounds[i][1])
+            break
+        current = after
     changed = {}
     for i, (plan, _, _) in bounds.items():
         now = int((gates[plan.gate_index].score >= 0).sum())
