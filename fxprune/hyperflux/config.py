@@ -46,7 +46,9 @@ class HyperfluxConfig:
             index of a prunable channel space, shared by every member; export removes closed ones).
         pruning_steps: optimiser steps of the pruning phase (keyword only, required).
         regrowth_steps: optimiser steps of the regrowth phase that follows: pressure 0, gate
-            learning rate decaying geometrically. After it the gates are frozen.
+            learning rate decaying geometrically. After it the gates are frozen. Channel gates
+            need fine-tuning at their final widths: give regrowth as many steps as pruning (+0.5-1
+            point over an 80/20 split on the development split; BENCHMARKS.md, study notes).
         scheduler_interval: steps between two pressure-scheduler updates (the paper updates once
             per epoch). None (derived): ``max(1, pruning_steps // 100)``, i.e. 100 updates as in the
             paper (one update per step below 200 steps).
