@@ -8,7 +8,8 @@ predicting the element under a model of its channel c fitted on the first probe 
 outputs matter little, are pruned further, at no extra cost in the greedy path and the search,
 which still see one knob per site.
 
-Public: :class:`ChannelHarm`, :func:`log_expected_relu` (log h(u), the Gaussian tail term of r_c).
+Public: :class:`ChannelHarm`, :func:`log_expected_relu` (log h(u), the Gaussian tail term of r_c),
+:func:`cutoffs_at_or_below` (the bin of each statistic among sorted cutoffs, shared with the probe).
 """
 from __future__ import annotations
 
@@ -99,17 +100,23 @@ class ChannelHarm:
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         column = lambda t: t.double().view(-1, 1)  # noqa: E731
         threshold = (lo * column(self.sigma) - column(self.offset)) / column(self.slope)
-        return threshold.masked_fill(~column(self.usable).bool(), -math.inf)
+        return threshold.masked_fill(~self.usable.view(-1, 1), -math.inf)
 
     def bins(self, thresholds: Tensor, stat: Tensor) -> Tensor:
         """Per element of ``stat`` (channels in ``dim``): how many of its channel's ``thresholds``
         ((C, L), each row increasing) are <= m, i.e. the first level index at which the element is
         predicted (L where m is NaN or the channel is never predicted). Same layout as ``stat``."""
         by_channel = stat.detach().movedim(self.dim, 0)
-        flat = by_channel.reshape(by_channel.shape[0], -1).contiguous()
-        index = torch.searchsorted(thresholds.to(flat.dtype).contiguous(), flat, right=True)
-        index = index.masked_fill(torch.isnan(flat), thresholds.shape[1])
-        return index.view(by_channel.shape).movedim(0, self.dim)
+        flat = by_channel.reshape(by_channel.shape[0], -1)
+        return cutoffs_at_or_below(thresholds.to(flat.dtype), flat).view(by_channel.shape).movedim(0, self.dim)
+
+
+def cutoffs_at_or_below(cutoffs: Tensor, values: Tensor) -> Tensor:
+    """Per value: how many ``cutoffs`` (sorted along the last axis; batched like ``values``'
+    leading axes, or 1-D for all) are <= it, and ``cutoffs.shape[-1]`` where it is NaN: the first
+    cutoff index at which a value v is predicted (v < cutoff[t] <=> count <= t; NaN: never)."""
+    index = torch.searchsorted(cutoffs.contiguous(), values.contiguous(), right=True)
+    return index.masked_fill(torch.isnan(values), cutoffs.shape[-1])
 
 
 def log_expected_relu(u: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ...errors import ConfigError
 from .. import probe
 from ..ops import ExPruneOp
-from .harm import ChannelHarm
+from .harm import ChannelHarm, cutoffs_at_or_below
 
 
 @dataclass
@@ -130,7 +130,7 @@ def probe_tables(model: nn.Module, ops: dict[str, ExPruneOp], batches: Iterable,
                     index = harm.bins(channel_cuts[name], p["stat"])
                 else:
                     tests = p["stat"].numel()
-                    index = _bins(edges[name], p["stat"])
+                    index = cutoffs_at_or_below(edges[name], p["stat"].detach())
                 s, e = _batch_tables(index, edges[name].numel(), p["save"], p["overhead"] * tests, contrib, rows)
                 saved[name] += s
                 effects[name].append(e)
@@ -181,21 +181,14 @@ def _candidate_cutoffs(stat: Tensor, bins: int, limit: int, generator: torch.Gen
     return torch.unique(values[(levels * (values.numel() - 1)).round().long()])
 
 
-def _bins(edges: Tensor, stat: Tensor) -> Tensor:
-    """Per element: the number of cutoffs <= its statistic s (``edges.numel()`` where s is NaN). The
-    element is predicted at cutoff t  <=>  s < edges[t]  <=>  bin <= t."""
-    index = torch.searchsorted(edges, stat.detach().contiguous(), right=True)
-    return index.masked_fill(torch.isnan(stat), edges.numel())
-
-
 def _batch_tables(index: Tensor, b: int, save: Tensor, overhead: float, contrib: Tensor, rows: int
                   ) -> tuple[Tensor, Tensor]:
     """One batch of one site: MACs saved per cutoff (summed over the batch) and the (rows, b) effect.
 
-    ``index`` is each element's bin (:func:`_bins`: predicted at cutoff t <=> bin <= t; b: never),
-    ``save`` each element's MACs saved if predicted, ``overhead`` the batch's test MACs while the
-    site is enabled, ``contrib`` each element's first-order change of its row's score if it were
-    predicted.
+    ``index`` is each element's bin (:func:`.harm.cutoffs_at_or_below`: predicted at cutoff t <=>
+    bin <= t; b: never), ``save`` each element's MACs saved if predicted, ``overhead`` the batch's
+    test MACs while the site is enabled, ``contrib`` each element's first-order change of its row's
+    score if it were predicted.
     """
     idx = index.reshape(rows, -1)
     per_bin = torch.zeros(b + 1, dtype=torch.float64, device=idx.device)
